@@ -1,0 +1,75 @@
+"""The backend: one object that the gate and the gateway use for everything sessions share.
+
+:func:`open_backend` picks the storage from ``backend.url`` by scheme (as
+``limits`` picks its storage from a URL) and puts the strategies on top of it:
+lanes (one turn per session, reject or queue, Retry-After estimates) and
+transcript write locks (bounded wait). Callers never touch storages directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from ._config import Settings
+from ._lanes import LaneGrant, Lanes
+from ._storage import LeaseStorage, RecordStorage
+from ._write_lock import WriteLockHold, WriteLocks
+
+StorageFactory = Callable[[Settings], LeaseStorage]
+
+_STORAGES: dict[str, str] = {
+    "memory": "middleware._memory:MemoryStorage",
+    "file": "middleware._file:FileStorage",
+    "redis": "middleware._redis:RedisStorage",
+    "rediss": "middleware._redis:RedisStorage",
+}
+
+
+class Backend:
+    """Lanes, write locks, fencing and records over one storage."""
+
+    def __init__(self, storage: LeaseStorage, settings: Settings) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.lanes = Lanes(storage, settings)
+        self.write_locks = WriteLocks(storage, settings)
+
+    @property
+    def records(self) -> RecordStorage:
+        return self.storage.records
+
+    async def acquire_lane(self, session_id: str, *, max_wait_ms: int | None = None) -> LaneGrant:
+        """The session's lane, per ``lane.*`` settings; raises SessionBusy, QueueFull or BackendUnavailable."""
+        return await self.lanes.acquire(session_id, max_wait_ms=max_wait_ms)
+
+    def write_lock(self, session_id: str) -> AbstractAsyncContextManager[WriteLockHold]:
+        """Hold the session's transcript write lock; raises LockTimeout after ``sessionWriteLock.timeoutMs``."""
+        return self.write_locks.hold(session_id)
+
+    async def current_fence(self, session_id: str) -> int:
+        return await self.storage.current_fence(session_id)
+
+    async def ping(self) -> None:
+        await self.storage.ping()
+
+    async def aclose(self) -> None:
+        await self.lanes.aclose()
+        await self.storage.aclose()
+
+
+def storage_scheme(url: str) -> str:
+    return url.split("://", 1)[0]
+
+
+def open_storage(settings: Settings) -> LeaseStorage:
+    """The storage named by ``backend.url`` (imported lazily: no redis import for file use)."""
+    module_name, class_name = _STORAGES[storage_scheme(settings.backend.url)].split(":")
+    storage_class = getattr(importlib.import_module(module_name), class_name)
+    return storage_class.from_settings(settings)
+
+
+def open_backend(settings: Settings) -> Backend:
+    """A :class:`Backend` for ``settings.backend.url`` (``file://``, ``memory://``, ``redis://``)."""
+    return Backend(open_storage(settings), settings)

@@ -1,0 +1,202 @@
+"""Typed errors of sessiongate.
+
+Every error a client can see maps to one problem type of the contract
+(``problem_type``) and a default HTTP status. Retryable errors carry
+``retry_after_ms`` so callers never parse strings to know when to come back.
+
+None of these is a provider error: the gateway's failover walks its provider
+list only on ``app.providers.ProviderError``, so a lock or lane problem can
+never read as "all models failed".
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class SessionGateError(Exception):
+    """Base class of every error raised by the ``middleware`` package."""
+
+    problem_type: ClassVar[str] = "internal-error"
+    default_status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, session_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.session_id = session_id
+
+
+class RetryableError(SessionGateError):
+    """An error the client should retry after ``retry_after_ms``."""
+
+    def __init__(
+        self, detail: str, *, retry_after_ms: int, session_id: str | None = None
+    ) -> None:
+        super().__init__(detail, session_id=session_id)
+        self.retry_after_ms = max(1, int(retry_after_ms))
+
+
+class SessionBusy(RetryableError):
+    """The session's lane or write lock was not had within its wait."""
+
+    problem_type = "session-busy"
+    default_status = 409
+    title = "Session busy"
+
+
+class LockTimeout(SessionBusy):
+    """The transcript write lock was not had within ``sessionWriteLock.timeoutMs``."""
+
+    def __init__(
+        self, session_id: str, *, waited_ms: float, retry_after_ms: int
+    ) -> None:
+        super().__init__(
+            f"the transcript write lock of session {session_id!r} was not had "
+            f"within {waited_ms:.0f} ms",
+            retry_after_ms=retry_after_ms,
+            session_id=session_id,
+        )
+        self.waited_ms = waited_ms
+
+
+class FencedOut(SessionBusy):
+    """A write came with a fencing token older than the newest issued.
+
+    The writer lost its lane (it was stale and another holder took over), so
+    its turn no longer has the right to write. Answered as ``session-busy``.
+    """
+
+    def __init__(
+        self, session_id: str, *, fence: int, current_fence: int, retry_after_ms: int = 1000
+    ) -> None:
+        super().__init__(
+            f"write to session {session_id!r} refused: fencing token {fence} is older "
+            f"than the newest issued ({current_fence}); the turn lost its lane",
+            retry_after_ms=retry_after_ms,
+            session_id=session_id,
+        )
+        self.fence = fence
+        self.current_fence = current_fence
+
+
+class QueueFull(RetryableError):
+    """``queue`` mode and the session's queue is at ``lane.queueCap``."""
+
+    problem_type = "queue-full"
+    default_status = 429
+    title = "Session queue full"
+
+    def __init__(self, session_id: str, *, queue_cap: int, retry_after_ms: int) -> None:
+        super().__init__(
+            f"session {session_id!r} already has {queue_cap} messages waiting",
+            retry_after_ms=retry_after_ms,
+            session_id=session_id,
+        )
+        self.queue_cap = queue_cap
+
+
+class RateLimited(RetryableError):
+    """A ``rateLimits`` quota is spent."""
+
+    problem_type = "rate-limited"
+    default_status = 429
+    title = "Rate limited"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after_ms: int,
+        limit: int,
+        remaining: int,
+        window_s: int,
+        policy: str,
+        session_id: str | None = None,
+    ) -> None:
+        super().__init__(detail, retry_after_ms=retry_after_ms, session_id=session_id)
+        self.limit = limit
+        self.remaining = remaining
+        self.window_s = window_s
+        self.policy = policy
+
+
+class IdempotencyInFlight(RetryableError):
+    """The same ``Idempotency-Key`` is still being processed."""
+
+    problem_type = "idempotency-in-flight"
+    default_status = 409
+    title = "Request with this Idempotency-Key in flight"
+
+
+class IdempotencyKeyReused(SessionGateError):
+    """The same ``Idempotency-Key`` came with a different request body."""
+
+    problem_type = "idempotency-key-reused"
+    default_status = 422
+    title = "Idempotency-Key reused with a different request"
+
+
+class BackendUnavailable(RetryableError):
+    """The lock backend (e.g. Redis) cannot be reached."""
+
+    problem_type = "backend-unavailable"
+    default_status = 503
+    title = "Lock backend unavailable"
+
+    def __init__(self, detail: str, *, retry_after_ms: int = 1000) -> None:
+        super().__init__(detail, retry_after_ms=retry_after_ms)
+
+
+class InvalidRequest(SessionGateError):
+    """Malformed JSON, missing or wrong fields."""
+
+    problem_type = "invalid-request"
+    default_status = 400
+    title = "Invalid request"
+
+
+class InvalidSessionId(InvalidRequest):
+    """A session id outside the contract's alphabet or length."""
+
+    problem_type = "invalid-session-id"
+    title = "Invalid session id"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session id {session_id[:160]!r} is not 1-128 characters of [A-Za-z0-9._:@-]"
+            " (and not '.' or '..')"
+        )
+        self.session_id = None  # never echo an invalid id back as if it were one
+
+
+class PayloadTooLarge(SessionGateError):
+    """The request body is over the configured limit."""
+
+    problem_type = "payload-too-large"
+    default_status = 413
+    title = "Payload too large"
+
+
+class Unauthorized(SessionGateError):
+    """A bad or missing bearer token, webhook secret or signature."""
+
+    problem_type = "unauthorized"
+    default_status = 401
+    title = "Unauthorized"
+
+
+class ConfigError(SessionGateError, ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range.
+
+    ``key`` is the camelCase path (``sessionWriteLock.timeoutMs``) and
+    ``source`` where the value came from (a file path, an environment
+    variable, a CLI flag), so the message points at what to fix.
+    """
+
+    def __init__(self, key: str, problem: str, *, source: str | None = None) -> None:
+        where = f" (from {source})" if source else ""
+        super().__init__(f"config error: {key}: {problem}{where}")
+        self.key = key
+        self.problem = problem
+        self.source = source

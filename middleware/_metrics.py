@@ -1,0 +1,39 @@
+"""Prometheus metrics of the session layer, shared by the middleware and the gateway.
+
+Defined once here so every module counts into the same series. They live in
+prometheus-client's default registry; under ``--workers N`` the gateway sets
+``PROMETHEUS_MULTIPROC_DIR`` before this module is imported, which makes the
+same objects write to per-process files that ``/metrics`` aggregates.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_SLOW = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+LANE_WAIT_SECONDS = Histogram(
+    "sessiongate_lane_wait_seconds", "Time from asking for a session's lane to having it", buckets=_SLOW
+)
+WRITE_LOCK_WAIT_SECONDS = Histogram(
+    "sessiongate_write_lock_wait_seconds", "Time waited for a transcript write lock", buckets=_FAST
+)
+WRITE_LOCK_HOLD_SECONDS = Histogram(
+    "sessiongate_write_lock_hold_seconds", "Time a transcript write lock was held", buckets=_FAST
+)
+TURN_SECONDS = Histogram("sessiongate_turn_seconds", "Time a session's lane was held for one turn", buckets=_SLOW)
+CONTENTION_ANSWERS = Counter(
+    "sessiongate_contention_answers_total",
+    "Requests answered without running (session-busy, queue-full, rate-limited, ...)",
+    ["type"],
+)
+QUEUE_DEPTH = Gauge(
+    "sessiongate_queue_depth", "Messages waiting in session queues", multiprocess_mode="livesum"
+)
+TAKEOVERS = Counter(
+    "sessiongate_takeovers_total", "Leases reclaimed from a dead or stale holder", ["kind", "reason"]
+)
+FENCING_REFUSALS = Counter(
+    "sessiongate_fencing_refusals_total", "Transcript writes refused for an outdated fencing token"
+)

@@ -1,0 +1,230 @@
+"""The storage interface: where leases, fences, queues and records live.
+
+Following ``limits``, strategy is kept apart from storage. The strategies
+(:mod:`._lanes` waits, queues and estimates; :mod:`._write_lock` bounds the
+wait for the transcript lock) are written once, against this interface; the
+storages (:mod:`._memory`, :mod:`._file`, :mod:`._redis`) only know how to take,
+renew and give back one lease, issue fencing tokens, keep a FIFO of waiters and
+keep small records with a time to live.
+
+A *lease* is the right to hold one lock of one session: the lane (one turn at a
+time) or the transcript write lock. It is kept alive by :meth:`StoredLease.renew`
+(the heartbeat). A holder whose process is dead loses it at once; a holder that
+has not renewed for ``stale_ms`` loses it to the next :meth:`LeaseStorage.try_acquire`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+
+class LeaseKind(str, enum.Enum):
+    LANE = "lane"
+    WRITE = "write"
+
+
+class HolderState(str, enum.Enum):
+    LIVE = "live"
+    DEAD_PID = "dead-pid"
+    STALE = "stale"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as recorded beside it for takeover decisions and the operator CLI."""
+
+    session_id: str
+    kind: LeaseKind
+    pid: int
+    host: str
+    process_started_at: float | None  # psutil create_time: tells a reused pid apart
+    since: float  # wall clock (epoch seconds) of the grant
+    heartbeat_at: float  # wall clock of the last sign of life
+    fence: int  # the fencing token of the grant (0 for write locks)
+
+    def state(self, stale_ms: int, *, now: float | None = None) -> HolderState:
+        """Live, dead (same host, process gone or pid reused) or stale (silent for ``stale_ms``)."""
+        if self.host == THIS_HOST and not process_alive(self.pid, self.process_started_at):
+            return HolderState.DEAD_PID
+        now = time.time() if now is None else now
+        if (now - self.heartbeat_at) * 1000 >= stale_ms:
+            return HolderState.STALE
+        return HolderState.LIVE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sessionId": self.session_id,
+            "kind": self.kind.value,
+            "pid": self.pid,
+            "host": self.host,
+            "processStartedAt": self.process_started_at,
+            "since": self.since,
+            "heartbeatAt": self.heartbeat_at,
+            "fence": self.fence,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Holder:
+        return cls(
+            session_id=data["sessionId"],
+            kind=LeaseKind(data["kind"]),
+            pid=int(data["pid"]),
+            host=str(data["host"]),
+            process_started_at=data.get("processStartedAt"),
+            since=float(data["since"]),
+            heartbeat_at=float(data["heartbeatAt"]),
+            fence=int(data.get("fence", 0)),
+        )
+
+    @classmethod
+    def for_this_process(cls, session_id: str, kind: LeaseKind, fence: int = 0) -> Holder:
+        now = time.time()
+        return cls(
+            session_id=session_id,
+            kind=kind,
+            pid=os.getpid(),
+            host=THIS_HOST,
+            process_started_at=_this_process_started_at(),
+            since=now,
+            heartbeat_at=now,
+            fence=fence,
+        )
+
+
+THIS_HOST = socket.gethostname()
+_started_at_cache: dict[int, float | None] = {}
+
+
+def _this_process_started_at() -> float | None:
+    pid = os.getpid()  # cached per pid, so a fork computes its own
+    if pid not in _started_at_cache:
+        _started_at_cache[pid] = _process_started_at(pid)
+    return _started_at_cache[pid]
+
+
+def _process_started_at(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def process_alive(pid: int, started_at: float | None) -> bool:
+    """Whether ``pid`` runs and is the same process (same start time) as recorded."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started_at is None:
+            return True
+        return abs(process.create_time() - started_at) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+class StoredLease(ABC):
+    """One held lease, as a storage keeps it."""
+
+    holder: Holder
+
+    @abstractmethod
+    async def renew(self) -> bool:
+        """Show a sign of life. ``False`` once the lease is no longer ours (taken over)."""
+
+    @abstractmethod
+    async def release(self) -> None:
+        """Give the lease back; a no-op if it was already lost."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A waiter's place in a session's FIFO queue (``lane.mode = queue``)."""
+
+    session_id: str
+    id: str
+
+
+class LeaseStorage(ABC):
+    """Where leases live. One instance per process, shared by every request."""
+
+    @abstractmethod
+    async def try_acquire(
+        self, kind: LeaseKind, session_id: str, *, stale_ms: int
+    ) -> StoredLease | None:
+        """One non-blocking attempt; a dead or stale holder is reclaimed (by one claimant only).
+
+        A lane grant carries a new fencing token, larger than every earlier one of
+        the session.
+        """
+
+    @abstractmethod
+    async def current_fence(self, session_id: str) -> int:
+        """The newest fencing token issued for the session (0 if none)."""
+
+    @abstractmethod
+    async def holder(self, kind: LeaseKind, session_id: str) -> Holder | None:
+        """The current holder, if any (live, dead or stale)."""
+
+    @abstractmethod
+    async def holders(self) -> list[Holder]:
+        """Every recorded holder of every session, for the operator CLI."""
+
+    @abstractmethod
+    async def break_lease(self, holder: Holder, *, stale_ms: int) -> bool:
+        """Remove exactly this holder's lease if it is still dead or stale. Race-free with live gateways."""
+
+    @abstractmethod
+    async def enqueue(self, session_id: str, *, cap: int, stale_ms: int) -> Ticket | None:
+        """Join the session's FIFO; ``None`` when ``cap`` live waiters are already in it."""
+
+    @abstractmethod
+    async def queue_position(self, ticket: Ticket, *, stale_ms: int) -> int:
+        """0 when the ticket is at the head (its turn to try the lane); waiters that died are skipped."""
+
+    @abstractmethod
+    async def leave_queue(self, ticket: Ticket) -> None:
+        """Remove the ticket (granted, gave up or cancelled)."""
+
+    @abstractmethod
+    async def renew_ticket(self, ticket: Ticket) -> None:
+        """Heartbeat of a waiting ticket, so dead waiters do not hold the queue."""
+
+    records: RecordStorage
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise ``BackendUnavailable`` if the storage cannot be reached."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release connections and files."""
+
+
+class RecordStorage(ABC):
+    """Small JSON records with a time to live: idempotency keys and webhook dedupe."""
+
+    @abstractmethod
+    async def add(self, key: str, value: dict[str, Any], *, ttl_ms: int) -> bool:
+        """Store ``value`` only if ``key`` is absent (or expired); ``True`` if stored."""
+
+    @abstractmethod
+    async def get(self, key: str) -> dict[str, Any] | None:
+        """The unexpired value under ``key``."""
+
+    @abstractmethod
+    async def put(self, key: str, value: dict[str, Any], *, ttl_ms: int) -> None:
+        """Store ``value`` under ``key``, replacing what was there."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Forget ``key``."""

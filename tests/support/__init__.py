@@ -1,0 +1,145 @@
+"""Real servers for tests: uvicorn in a thread, the gateway as a separate process, Redis.
+
+Everything binds to 127.0.0.1 on a free port and is bounded in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout} s")
+
+
+class UvicornThread:
+    """An ASGI app served by a real uvicorn on 127.0.0.1, in a background thread."""
+
+    def __init__(self, app: Any, *, port: int | None = None, **uvicorn_options: Any) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **uvicorn_options
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> UvicornThread:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=10, what="uvicorn start")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class GatewayProcess:
+    """``python -m app serve`` as a separate OS process, with its own config file."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        config: Mapping[str, Any] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = self.data_dir.parent / f"config-{self.port}.json"
+        self.config_path.write_text(json.dumps(dict(config or {})))
+        self.log_path = self.data_dir.parent / f"gateway-{self.port}.log"
+        self.args = [
+            sys.executable, "-m", "app", "serve",
+            "--config", str(self.config_path),
+            "--data-dir", str(self.data_dir),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            *(extra_args or []),
+        ]
+        self.env = {**os.environ, **dict(env or {})}
+        self.env.pop("SESSIONGATE_CONFIG", None)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, *, timeout: float = 20.0) -> GatewayProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+        def healthy() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, timeout=timeout, interval=0.05, what="gateway /healthz")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signum)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=timeout)
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.kill(self.process.pid, signal.SIGCONT)  # a test may have left it stopped
+            except ProcessLookupError:
+                pass
+        self.stop()
