@@ -23,7 +23,7 @@ from ._errors import (
     SessionGateError,
     Unauthorized,
 )
-from ._gate import SessionGate
+from ._gate import SessionGate, lane_of
 from ._ids import validate_session_id
 from ._lanes import LaneGrant
 from ._store import TranscriptStore
@@ -49,6 +49,7 @@ __all__ = [
     "Settings",
     "TranscriptStore",
     "Unauthorized",
+    "lane_of",
     "open_backend",
     "validate_session_id",
 ]

@@ -136,6 +136,8 @@ class StoredLease(ABC):
     """One held lease, as a storage keeps it."""
 
     holder: Holder
+    #: set by the storage when this grant reclaimed a dead or stale holder (counted as a takeover)
+    reclaimed: HolderState | None = None
 
     @abstractmethod
     async def renew(self) -> bool:

@@ -1,0 +1,57 @@
+"""Optional bearer tokens for the ``/v1/sessions`` API (``auth.tokens``).
+
+The first check of the contract's order, so an unauthenticated request costs
+no body read, rate-limit slot or lane. Tokens are compared with
+:func:`hmac.compare_digest`, against every configured token, so the time
+taken says nothing about how much of a token was right. With no tokens
+configured the API is open. Webhooks authenticate themselves (secrets,
+signatures), and the webchat page and probes stay public.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from middleware import Unauthorized
+from middleware._problem import problem_response
+
+PROTECTED_PREFIX = "/v1/sessions"
+
+
+def bearer_token(scope: Scope) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if any."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+    return None
+
+
+def is_protected(path: str) -> bool:
+    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+
+
+class BearerAuth:
+    """ASGI middleware: ``401 unauthorized`` for ``/v1/sessions/*`` without one of ``tokens``."""
+
+    def __init__(self, app: ASGIApp, *, tokens: Sequence[str]) -> None:
+        self.app = app
+        self.tokens = [token.encode() for token in tokens]
+
+    def authorized(self, scope: Scope) -> bool:
+        presented = bearer_token(scope)
+        if presented is None:
+            return False
+        matches = [hmac.compare_digest(presented, token) for token in self.tokens]  # no early exit
+        return any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.tokens or not is_protected(scope["path"]) or self.authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        response = problem_response(Unauthorized("a valid 'Authorization: Bearer <token>' header is required"))
+        response.headers["WWW-Authenticate"] = 'Bearer realm="sessiongate"'
+        await response(scope, receive, send)

@@ -1,0 +1,25 @@
+"""Prometheus series of the gateway itself (the session layer's are in ``middleware._metrics``).
+
+Provider calls are counted per provider and outcome, failures per reason, so
+a dashboard tells a slow or failing model apart from session contention
+(which never shows up here: lock and lane errors are not provider errors).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+PROVIDER_CALLS = Counter(
+    "sessiongate_provider_calls_total", "Model provider calls, by provider and outcome (ok / error)",
+    ["provider", "outcome"],
+)
+PROVIDER_FAILURES = Counter(
+    "sessiongate_provider_failures_total", "Model provider errors, by provider and reason", ["provider", "reason"]
+)
+PROVIDER_SECONDS = Histogram(
+    "sessiongate_provider_seconds", "Duration of one model provider call", ["provider"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+ALL_PROVIDERS_FAILED = Counter(
+    "sessiongate_all_providers_failed_total", "Turns for which every provider failed"
+)

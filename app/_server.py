@@ -1,0 +1,176 @@
+"""``create_app(settings)``: the gateway's routes, middleware stack and lifespan in one place.
+
+Middleware, outer to inner (each refuses what it can before the next costs more):
+
+1. CORS: browsers may read ``Retry-After``, ``RateLimit*``, ``Idempotent-Replayed``.
+2. :class:`~app._logging.RequestLog`: request id, one structured line per request.
+3. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
+   500 ``internal-error`` problem (inside CORS and the log, so error answers
+   carry CORS headers and are logged with their status and request id).
+4. :class:`~app._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
+5. :class:`~app._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
+6. :class:`~app._body.MessageValidation`: session id and message body (400).
+7. :class:`middleware.SessionGate`: rate limits, Idempotency-Key, the session's
+   lane, for ``POST /v1/sessions/{id}/messages`` only.
+
+Routes raise typed errors; the exception handlers answer them as problem+json,
+404 and 405 included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from middleware import SessionGate, SessionGateError, Settings, open_backend
+from middleware._gate import client_address
+from middleware._ids import is_valid_session_id
+from middleware._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
+
+from . import channels
+from ._auth import BearerAuth
+from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
+from ._context import Gateway
+from ._logging import REQUEST_ID, RequestLog, configure_logging
+from .routes import health, metrics, openapi, sessions, webchat
+
+SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
+log = logging.getLogger("sessiongate.server")
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class HttpProblem(SessionGateError):
+    """A router answer (404 not found, 405 method not allowed) as a problem."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.default_status = status
+        self.problem_type = HTTPStatus(status).phrase.lower().replace(" ", "-")
+        self.title = HTTPStatus(status).phrase
+
+
+class ErrorBoundary:
+    """ASGI middleware: typed errors become their problem; anything else a logged 500 ``internal-error``."""
+
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except ClientDisconnect:
+            return  # nobody left to answer
+        except Exception as exc:
+            error = exc if isinstance(exc, SessionGateError) else None
+            if error is None:
+                log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+                error = SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}")
+            if started:
+                log.warning("error after the response started, connection dropped: %s", exc)
+                return
+            await send_problem(send, error, problem_status(error, self.settings))
+
+
+def message_session_key(scope: Scope) -> str | None:
+    """SessionGate's key: the session of ``POST /v1/sessions/{id}/messages``, ``None`` for the rest."""
+    return messages_path_session_id(scope) if scope["method"] == "POST" else None
+
+
+def message_sender_key(scope: Scope) -> str | None:
+    """For ``rateLimits.perSender``: the message's ``sender``, else the client address."""
+    message = scope.get("state", {}).get(MESSAGE_STATE_KEY)
+    return message.sender if message is not None and message.sender else client_address(scope)
+
+
+def logged_session_id(scope: Scope) -> str | None:
+    session_id = messages_path_session_id(scope)
+    return session_id if session_id is not None and is_valid_session_id(session_id) else None
+
+
+def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHandler]:
+    async def typed_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, SessionGateError)
+        if error.problem_type == SessionGateError.problem_type:  # a fault, not a typed answer: keep a trace
+            log.error("internal error in %s %s: %s", request.method, request.url.path, error.detail)
+        return problem_response(error, problem_status(error, settings))
+
+    async def http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        response = problem_response(HttpProblem(error.status_code, error.detail))
+        response.headers.update(error.headers or {})
+        return response
+
+    return {SessionGateError: typed_error, HTTPException: http_error}
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """The gateway for ``settings``; ``transport`` (tests) carries every outbound httpx call."""
+    backend = open_backend(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway = Gateway.open(settings, backend, transport=transport)
+        app.state.gateway = gateway
+        try:
+            await channels.start(gateway)
+            yield
+        finally:
+            await channels.stop(gateway)
+            await gateway.aclose()
+            await backend.aclose()
+            metrics.forget_this_process()
+
+    return Starlette(
+        routes=[*sessions.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
+                *channels.routes()],
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=["*"],
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+                expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
+            ),
+            Middleware(RequestLog, session_of=logged_session_id),
+            Middleware(ErrorBoundary, settings=settings),
+            Middleware(BearerAuth, tokens=settings.auth.tokens),
+            Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes),
+            Middleware(MessageValidation),
+            Middleware(
+                SessionGate, settings=settings, backend=backend,
+                session_key=message_session_key, sender_key=message_sender_key,
+            ),
+        ],
+        exception_handlers=exception_handlers(settings),
+        lifespan=lifespan,
+    )
+
+
+def app_from_environment() -> Starlette:
+    """uvicorn's factory (``app._server:app_from_environment``): the settings ``serve`` resolved, per worker."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    configure_logging(settings.server.log_format)
+    return create_app(settings)

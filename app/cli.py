@@ -1,0 +1,43 @@
+"""The ``sessiongate`` command line: a thin argparse front over ``app/commands/<name>.py``.
+
+Each command module exposes ``add_parser(subparsers)`` (which registers its
+flags) and ``run(args) -> int`` (the exit status). Adding a command is adding
+its name to :data:`COMMANDS`. ``serve`` is the default, so ``sessiongate
+--port 9000`` serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: tuple[str, ...] = ("serve", "send", "locks", "doctor")
+DEFAULT_COMMAND = "serve"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sessiongate",
+        description="AI chat gateway with fast session locks, lanes and contention answers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"app.commands.{name}")
+        command_parser = module.add_parser(subparsers)
+        command_parser.set_defaults(run=module.run)
+    return parser
+
+
+def with_default_command(argv: Sequence[str]) -> list[str]:
+    """Prefix ``serve`` unless the arguments name a command or ask for the top-level help."""
+    argv = list(argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        return [DEFAULT_COMMAND, *argv]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(with_default_command(sys.argv[1:] if argv is None else argv))
+    return int(args.run(args))

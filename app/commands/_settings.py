@@ -1,0 +1,28 @@
+"""The ``--config`` / ``--data-dir`` options of the operator commands, and the settings they load.
+
+``locks`` and ``doctor`` must look at exactly what ``serve`` runs with, so they
+resolve settings the same way (CLI > environment > file > default) from the
+same two flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from middleware import Settings
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def settings_options() -> argparse.ArgumentParser:
+    """A parent parser with ``--config`` and ``--data-dir`` (use as ``parents=[...]``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", metavar="PATH", help="JSON config file (default: $SESSIONGATE_CONFIG)")
+    parent.add_argument("--data-dir", metavar="DIR", help="where transcripts and lock files live (default ./data)")
+    return parent
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Settings as ``serve`` would resolve them; raises ``ConfigError`` naming the key."""
+    overrides = {"dataDir": args.data_dir} if args.data_dir is not None else None
+    return Settings.load(args.config, overrides=overrides)

@@ -1,0 +1,146 @@
+"""``sessiongate doctor``: check what the gateway needs before (or while) it runs.
+
+One line per check, ``ok`` / ``warn`` / ``fail``: the config is valid, the data
+dir is writable, the lock backend answers, no lock has a dead or stale holder,
+every transcript parses, each provider's API key variable is set. It changes
+nothing, except creating a missing data dir (as ``serve`` would) and writing
+and removing a probe file in it.
+
+Exit codes: 0 no check failed (warnings allowed), 1 a check failed,
+2 the config is invalid (the line names the key) or bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from middleware import Backend, BackendUnavailable, ConfigError, Settings, TranscriptStore, open_backend
+from middleware._storage import HolderState
+
+from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
+from .locks import holder_views, transcript_info
+
+PING_TIMEOUT_S = 5.0
+
+
+class Level(str, enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    level: Level
+    name: str
+    message: str
+
+    def line(self) -> str:
+        return f"{self.level.value:<5} {self.name}: {self.message}"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        "doctor", parents=[settings_options()], help="check config, data dir, backend, locks and transcripts",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        print(Check(Level.FAIL, "config", str(exc).removeprefix("config error: ")).line())
+        return EXIT_USAGE
+    failed = False
+    for check in asyncio.run(_checks(settings, args.config or os.environ.get("SESSIONGATE_CONFIG"))):
+        print(check.line(), flush=True)
+        failed |= check.level is Level.FAIL
+    return EXIT_PROBLEMS if failed else EXIT_OK
+
+
+async def _checks(settings: Settings, config_path: str | None) -> list[Check]:
+    source = f"file {config_path}" if config_path else "defaults"
+    checks = [Check(Level.OK, "config", f"valid ({source} + environment)"), _data_dir(settings)]
+    if checks[-1].level is Level.FAIL and settings.backend.url.startswith("file://"):
+        return checks  # the file backend lives in the data dir: nothing more to look at
+    backend = open_backend(settings)
+    try:
+        reachable = await _backend_reachable(settings, backend)
+        checks.append(reachable)
+        if reachable.level is not Level.FAIL:
+            checks.append(await _lock_states(settings, backend))
+        checks.append(_transcripts(TranscriptStore(backend, settings)))
+    finally:
+        await backend.aclose()
+    checks.extend(_providers(settings))
+    return checks
+
+
+def _data_dir(settings: Settings) -> Check:
+    data_dir = Path(settings.data_dir).resolve()
+    created = not data_dir.exists()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".doctor-") as probe:
+            probe.write(b"probe")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return Check(Level.FAIL, "data dir", f"{data_dir} is not writable: {exc.strerror}")
+    return Check(Level.OK, "data dir", f"{data_dir} writable{' (created)' if created else ''}")
+
+
+async def _backend_reachable(settings: Settings, backend: Backend) -> Check:
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(backend.ping(), PING_TIMEOUT_S)
+    except (BackendUnavailable, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "detail", None) or str(exc) or f"no answer within {PING_TIMEOUT_S:.0f} s"
+        return Check(Level.FAIL, "backend", f"{settings.backend.url} unreachable: {reason}")
+    return Check(Level.OK, "backend", f"{settings.backend.url} reachable ({(time.monotonic() - started) * 1000:.0f} ms)")
+
+
+async def _lock_states(settings: Settings, backend: Backend) -> Check:
+    views = await holder_views(backend.storage, settings)
+    counts = Counter(view.state for view in views)
+    summary = ", ".join(f"{counts[state]} {state.value}" for state in HolderState if counts[state]) or "none held"
+    if counts[HolderState.DEAD_PID] or counts[HolderState.STALE]:
+        return Check(Level.WARN, "locks", f"{summary}; run `sessiongate locks clean` (or let the next writer reclaim them)")
+    return Check(Level.OK, "locks", summary)
+
+
+def _transcripts(store: TranscriptStore) -> Check:
+    infos = [transcript_info(store, session_id) for session_id in store.session_ids()]
+    records = sum(info["records"] for info in infos)
+    broken = [info["path"] for info in infos if info["badLines"]]
+    torn = [info["path"] for info in infos if info["tornTail"]]
+    counted = f"{len(infos)} sessions, {records} records"
+    if broken:
+        return Check(Level.FAIL, "transcripts", f"{counted}; lines that are not JSON in {_some(broken)}")
+    if torn:
+        return Check(Level.WARN, "transcripts", f"{counted}; torn last line (repaired on next write) in {_some(torn)}")
+    return Check(Level.OK, "transcripts", f"{counted}, all parse")
+
+
+def _some(paths: list[str], shown: int = 3) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
+
+
+def _providers(settings: Settings) -> Iterator[Check]:
+    for provider in settings.providers:
+        if provider.api_key_env and not os.environ.get(provider.api_key_env):
+            yield Check(Level.WARN, "provider", f"{provider.id} ({provider.type}): ${provider.api_key_env} is not set")
+        else:
+            yield Check(Level.OK, "provider", f"{provider.id} ({provider.type}) configured")

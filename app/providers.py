@@ -1,0 +1,210 @@
+"""Model providers and failover.
+
+A provider turns a conversation into a reply. :class:`Failover` walks the
+configured ``providers`` in order and moves on ONLY on :class:`ProviderError`
+(connection error, timeout, HTTP 5xx / 429 / other refusal, malformed answer).
+Errors of the session layer (``middleware.SessionGateError``: busy lane, lock
+timeout, backend down, fenced out) are not caught here: they abort the walk at
+once, never count against a provider, and can never read as "all providers
+failed".
+
+``openai`` speaks the OpenAI-compatible chat completions API over httpx; the
+transport is injectable (tests may pass one, or point ``baseUrl`` at a local
+fake server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import httpx
+
+from middleware import SessionGateError
+from middleware._config import ProviderSettings, Settings
+
+from ._metrics import ALL_PROVIDERS_FAILED, PROVIDER_CALLS, PROVIDER_FAILURES, PROVIDER_SECONDS
+
+log = logging.getLogger("sessiongate.providers")
+
+ChatMessage = Mapping[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
+
+
+class ProviderError(Exception):
+    """A provider could not produce a reply: the only error failover moves on from.
+
+    ``reason`` is one of ``connection-error``, ``timeout``, ``server-error``
+    (5xx), ``rate-limited`` (429), ``refused`` (other 4xx), ``bad-response``.
+    """
+
+    def __init__(self, provider_id: str, reason: str, detail: str) -> None:
+        super().__init__(f"{provider_id}: {reason}: {detail}")
+        self.provider_id = provider_id
+        self.reason = reason
+        self.detail = detail
+
+
+class AllProvidersFailed(SessionGateError):
+    """Every provider failed with a :class:`ProviderError` (502 ``all-providers-failed``).
+
+    A problem+json error like those of the contract's table (hence the base
+    class, which is what the problem renderer takes); only :class:`Failover`
+    raises it, after the whole list was tried.
+    """
+
+    problem_type: ClassVar[str] = "all-providers-failed"
+    default_status: ClassVar[int] = 502
+    title: ClassVar[str] = "All providers failed"
+
+    def __init__(self, errors: Sequence[ProviderError], *, session_id: str | None = None) -> None:
+        super().__init__("every provider failed: " + "; ".join(str(error) for error in errors), session_id=session_id)
+        self.errors = list(errors)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    provider: str
+
+
+class Provider(ABC):
+    """One configured model. ``complete`` raises :class:`ProviderError` for every failure of the model side."""
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.id = settings.id
+
+    @abstractmethod
+    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+        """The assistant's reply to ``messages`` (oldest first)."""
+
+    async def aclose(self) -> None:
+        """Release connections (if any)."""
+
+
+class EchoProvider(Provider):
+    """Built in, the default: replies with the last user message, after ``delayMs`` (a stand-in model time)."""
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        super().__init__(settings)
+        self.delay_s = settings.delay_ms / 1000
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def chat_completions_url(base_url: str) -> str:
+    """``{baseUrl}/v1/chat/completions``; a ``baseUrl`` already ending in ``/v1`` gets ``/chat/completions``."""
+    base = base_url.rstrip("/")
+    return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
+
+
+class OpenAIProvider(Provider):
+    """Any OpenAI-compatible chat completions endpoint; bearer key from the env var ``apiKeyEnv``.
+
+    ``timeoutMs`` bounds the whole call (connect, send, wait, read).
+    """
+
+    def __init__(
+        self,
+        settings: ProviderSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        env: Mapping[str, str] = os.environ,
+    ) -> None:
+        super().__init__(settings)
+        assert settings.base_url is not None  # enforced by ProviderSettings
+        self.url = chat_completions_url(settings.base_url)
+        self.model = settings.model
+        self.timeout_s = settings.timeout_ms / 1000
+        api_key = env.get(settings.api_key_env) if settings.api_key_env else None
+        if settings.api_key_env and not api_key:
+            log.warning("provider %s: environment variable %s is not set; calling without a key",
+                        self.id, settings.api_key_env)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(transport=transport, headers=headers, timeout=self.timeout_s)
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+        body: dict[str, object] = {"messages": [dict(m) for m in messages]}
+        if self.model:
+            body["model"] = self.model
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                response = await self.client.post(self.url, json=body)
+        except (TimeoutError, httpx.TimeoutException):
+            raise ProviderError(self.id, "timeout", f"no answer within {self.timeout_s * 1000:.0f} ms") from None
+        except httpx.TransportError as exc:
+            raise ProviderError(self.id, "connection-error", f"{type(exc).__name__}: {exc}") from None
+        self._raise_for_status(response)
+        return self._reply_text(response)
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        reason = "rate-limited" if status == 429 else "server-error" if status >= 500 else "refused"
+        raise ProviderError(self.id, reason, f"HTTP {status} from {self.url}")
+
+    def _reply_text(self, response: httpx.Response) -> str:
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, LookupError, TypeError):
+            raise ProviderError(self.id, "bad-response", "not a chat completion (choices[0].message.content)") from None
+        if not isinstance(content, str):
+            raise ProviderError(self.id, "bad-response", "choices[0].message.content is not a string")
+        return content
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class Failover:
+    """The providers in order: the first reply wins; the next one is tried only after a :class:`ProviderError`."""
+
+    def __init__(self, providers: Sequence[Provider]) -> None:
+        if not providers:
+            raise ValueError("Failover needs at least one provider")
+        self.providers = list(providers)
+
+    async def complete(self, messages: Sequence[ChatMessage], *, session_id: str | None = None) -> Completion:
+        """The first provider's reply; raises :class:`AllProvidersFailed` listing every error."""
+        errors: list[ProviderError] = []
+        for provider in self.providers:
+            started = time.perf_counter()
+            try:
+                text = await provider.complete(messages)
+            except ProviderError as error:
+                self._record(provider, started, error)
+                errors.append(error)
+                continue
+            self._record(provider, started, None)
+            return Completion(text=text, provider=provider.id)
+        ALL_PROVIDERS_FAILED.inc()
+        raise AllProvidersFailed(errors, session_id=session_id)
+
+    @staticmethod
+    def _record(provider: Provider, started: float, error: ProviderError | None) -> None:
+        PROVIDER_SECONDS.labels(provider=provider.id).observe(time.perf_counter() - started)
+        PROVIDER_CALLS.labels(provider=provider.id, outcome="ok" if error is None else "error").inc()
+        if error is not None:
+            PROVIDER_FAILURES.labels(provider=provider.id, reason=error.reason).inc()
+            log.warning("provider failed: %s", error)
+
+    async def aclose(self) -> None:
+        for provider in self.providers:
+            await provider.aclose()
+
+
+def build_failover(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Failover:
+    """The ``providers`` list of ``settings`` as a :class:`Failover` (``transport`` for every openai provider)."""
+    return Failover([
+        EchoProvider(p) if p.type == "echo" else OpenAIProvider(p, transport=transport)
+        for p in settings.providers
+    ])

@@ -1,0 +1,259 @@
+"""``/openapi.json``: an OpenAPI 3.1 description of every endpoint, body and problem answer.
+
+Written out rather than generated: the contract (statuses, problem types,
+headers) is the point of this API, and a hand-kept document states it
+exactly. ``tests/test_gateway_api.py`` checks that every route is described and
+that real answers match their schemas; schemathesis can fuzz from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from middleware._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+
+from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
+
+PROBLEM_TYPES = {
+    "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status)",
+    "queue-full": "lane.mode=queue and the session's queue is at lane.queueCap (429)",
+    "rate-limited": "a rateLimits quota is spent (429, with RateLimit and RateLimit-Policy)",
+    "idempotency-in-flight": "the same Idempotency-Key is still being processed (409)",
+    "idempotency-key-reused": "the same Idempotency-Key came with a different body (422)",
+    "invalid-request": "malformed JSON, missing or wrong fields (400)",
+    "invalid-session-id": "the session id is not 1-128 characters of [A-Za-z0-9._:@-] (400)",
+    "payload-too-large": "the body is over server.maxBodyBytes (413)",
+    "unauthorized": "bad or missing bearer token, webhook secret or signature (401)",
+    "all-providers-failed": "every provider failed with a provider error; detail lists each (502)",
+    "backend-unavailable": "the lock backend cannot be reached (503)",
+    "channel-not-configured": "a webhook for a channel that is not in the config (404)",
+    "not-found": "no such route (404)",
+    "method-not-allowed": "the route exists, the method does not (405)",
+    "internal-error": "an unexpected error, logged with the request id; never details (500)",
+}
+
+_RETRY_AFTER = {
+    "description": "seconds to wait before retrying (integer, at least 1)",
+    "schema": {"type": "integer", "minimum": 1},
+}
+_RATELIMIT_HEADERS = {
+    "Retry-After": _RETRY_AFTER,
+    "RateLimit": {"description": "remaining quota (draft-ietf-httpapi-ratelimit-headers)",
+                  "schema": {"type": "string"}},
+    "RateLimit-Policy": {"description": "the quota policy", "schema": {"type": "string"}},
+}
+
+
+def _problem(description: str, *, retryable: bool = False, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    if retryable or headers:
+        response["headers"] = headers or {"Retry-After": _RETRY_AFTER}
+    return response
+
+
+def _json(schema_name: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
+    }
+
+
+def _content(media_type: str, json_type: str) -> dict[str, Any]:
+    return {"description": media_type, "content": {media_type: {"schema": {"type": json_type}}}}
+
+
+def _public_get(summary: str, operation_id: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"summary": summary, "operationId": operation_id, "security": [], "responses": responses}}
+
+
+_SESSION_ID_PARAM = {
+    "name": "sessionId",
+    "in": "path",
+    "required": True,
+    "description": "1-128 characters of [A-Za-z0-9._:@-], not '.' or '..'",
+    "schema": {"$ref": "#/components/schemas/SessionId"},
+}
+_SESSION_API_ERRORS = {
+    "400": _problem("invalid-request / invalid-session-id"),
+    "401": _problem("unauthorized (only when auth.tokens is set)"),
+    "404": _problem("not-found"),
+    "405": _problem("method-not-allowed"),
+    "413": _problem("payload-too-large"),
+    "500": _problem("internal-error"),
+}
+
+
+def _webhook(summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "operationId": summary.split()[0].lower() + "Webhook",
+            "security": [],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "responses": {
+                "200": {"description": "accepted (durably) or acknowledged as a repeat",
+                        "content": {"application/json": {"schema": {}}}},
+                "400": _problem("invalid-request"),
+                "401": _problem("unauthorized: bad secret token or signature"),
+                "404": _problem("channel-not-configured"),
+                "413": _problem("payload-too-large"),
+                "429": _problem("session-busy: the same update is being accepted right now", retryable=True),
+                "500": _problem("internal-error"),
+                "503": _problem("backend-unavailable", retryable=True),
+            },
+        }
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sessiongate",
+            "version": "0.1.0",
+            "description": (
+                "AI chat gateway with fast session contention answers. Errors are application/problem+json "
+                f"(RFC 9457) whose type is {PROBLEM_TYPE_BASE}<name>. Checks run in this order: auth, body "
+                "limit and validation, rate limits, Idempotency-Key, session lane."
+            ),
+        },
+        "paths": {
+            "/v1/sessions/{sessionId}/messages": {
+                "parameters": [_SESSION_ID_PARAM],
+                "post": {
+                    "summary": "Send a message and get the reply (one turn)",
+                    "operationId": "postMessage",
+                    "parameters": [{
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "repeat-safe retries: a repeat gets the stored answer",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                    }],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MessageIn"}}},
+                    },
+                    "responses": {
+                        "200": _json("TurnReply", "the reply; user message and reply are in the transcript"),
+                        **_SESSION_API_ERRORS,
+                        "409": _problem("session-busy / idempotency-in-flight", retryable=True),
+                        "422": _problem("idempotency-key-reused"),
+                        "429": _problem("rate-limited / queue-full (or session-busy with contention.status=429)",
+                                        headers=_RATELIMIT_HEADERS),
+                        "502": _problem("all-providers-failed"),
+                        "503": _problem("backend-unavailable", retryable=True),
+                    },
+                },
+                "get": {
+                    "summary": "Read the transcript (lock-free snapshot)",
+                    "operationId": "getMessages",
+                    "responses": {"200": _json("Transcript", "every message, in order"), **_SESSION_API_ERRORS},
+                },
+            },
+            "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),
+            "/v1/webhooks/slack": _webhook("Slack Events API request (signature and timestamp checked)"),
+            "/healthz": _public_get("Liveness: the process serves", "healthz", {"200": _json("Status", "up")}),
+            "/readyz": _public_get("Readiness: the lock backend answers", "readyz", {
+                "200": _json("Status", "ready"), "503": _problem("backend-unavailable", retryable=True)}),
+            "/metrics": _public_get("Prometheus metrics", "metrics", {"200": _content("text/plain", "string")}),
+            "/openapi.json": _public_get("This document", "openapi", {"200": _content("application/json", "object")}),
+            "/": _public_get("The webchat page", "webchat", {"200": _content("text/html", "string")}),
+        },
+        "security": [{}, {"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "one of auth.tokens, when configured"}},
+            "schemas": _schemas(),
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    message = {
+        "type": "object",
+        "required": ["id", "role", "text", "at"],
+        "properties": {
+            "id": {"type": "string"},
+            "role": {"type": "string", "enum": ["user", "assistant"]},
+            "text": {"type": "string"},
+            "at": {"type": "string", "format": "date-time"},
+            "fence": {"type": ["integer", "null"]},
+            "sender": {"type": "string"},
+            "channel": {"type": "string"},
+            "replyTo": {"type": "string"},
+            "provider": {"type": "string"},
+            "externalId": {"type": "string"},
+        },
+    }
+    return {
+        "SessionId": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$", "not": {"enum": [".", ".."]}},
+        "MessageIn": {
+            "type": "object",
+            "required": ["text"],
+            "additionalProperties": False,
+            "properties": {
+                "text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS, "pattern": "\\S"},
+                "sender": {"type": "string", "minLength": 1, "maxLength": MAX_SENDER_CHARS},
+            },
+        },
+        "TurnReply": {
+            "type": "object",
+            "required": ["sessionId", "messageId", "reply"],
+            "properties": {
+                "sessionId": {"$ref": "#/components/schemas/SessionId"},
+                "messageId": {"type": "string", "description": "id of the user message in the transcript"},
+                "reply": {
+                    "type": "object",
+                    "required": ["id", "text", "provider"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "text": {"type": "string"},
+                        "provider": {"type": "string", "description": "id of the provider that answered"},
+                    },
+                },
+            },
+        },
+        "Message": message,
+        "Transcript": {
+            "type": "object",
+            "required": ["sessionId", "messages"],
+            "properties": {
+                "sessionId": {"$ref": "#/components/schemas/SessionId"},
+                "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+            },
+        },
+        "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+        "Problem": {
+            "type": "object",
+            "required": ["type", "title", "status", "detail"],
+            "description": "RFC 9457. type is " + PROBLEM_TYPE_BASE + "<name>: "
+                           + "; ".join(f"{name}: {when}" for name, when in PROBLEM_TYPES.items()),
+            "properties": {
+                "type": {"type": "string", "enum": [PROBLEM_TYPE_BASE + name for name in PROBLEM_TYPES]},
+                "title": {"type": "string"},
+                "status": {"type": "integer", "minimum": 400, "maximum": 599},
+                "detail": {"type": "string"},
+                "sessionId": {"type": "string"},
+                "retryAfterMs": {"type": "integer", "minimum": 1},
+            },
+        },
+    }
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(openapi_document())
+
+
+def routes() -> list[BaseRoute]:
+    return [Route("/openapi.json", openapi, methods=["GET"])]

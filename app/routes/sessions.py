@@ -1,0 +1,51 @@
+"""The messages API: ``POST`` runs one turn, ``GET`` reads the transcript.
+
+By the time ``SessionMessages.post`` runs, the middleware stack has checked the
+token, the body (:mod:`app._body`), rate limits, the Idempotency-Key and the
+session's lane: the route only runs the turn under the lane it was given.
+"""
+
+from __future__ import annotations
+
+from starlette.endpoints import HTTPEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+
+from middleware import SessionGateError
+from middleware._gate import lane_of
+
+from .._body import message_of
+from .._context import Gateway
+from ..turns import user_record
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+class SessionMessages(HTTPEndpoint):
+    """``/v1/sessions/{sessionId}/messages`` (one endpoint, so a 405 lists both methods in ``Allow``)."""
+
+    async def post(self, request: Request) -> JSONResponse:
+        session_id = request.path_params["sessionId"]
+        grant = lane_of(request.scope)
+        if grant is None:  # only if the app was assembled without SessionGate in front of this route
+            raise SessionGateError("no session lane was granted to this request")
+        message = message_of(request.scope)
+        user = user_record(message.text, sender=message.sender, channel="api")
+        result = await gateway_of(request).turns.run_turn(grant, session_id, user)
+        return JSONResponse({
+            "sessionId": session_id,
+            "messageId": result.user["id"],
+            "reply": {"id": result.reply["id"], "text": result.reply["text"], "provider": result.provider},
+        })
+
+    async def get(self, request: Request) -> JSONResponse:
+        session_id = request.path_params["sessionId"]
+        messages = await gateway_of(request).store.read_unlocked(session_id)
+        return JSONResponse({"sessionId": session_id, "messages": messages})
+
+
+def routes() -> list[BaseRoute]:
+    return [Route("/v1/sessions/{sessionId}/messages", SessionMessages)]

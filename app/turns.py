@@ -1,0 +1,119 @@
+"""The turn runner: one user message in, one reply out, with the transcript lock held as briefly as possible.
+
+This is the point of sessiongate. The transcript write lock guards only the
+file: it is held to read (and repair) the transcript, released, and held again
+to append; never across the model call, which may take a minute. One turn per
+session at a time comes from the session's *lane*, held by the caller (the
+gate for the HTTP API, the channel worker for webhooks) with its heartbeat
+running. The append carries the lane's fencing token: a turn whose lane was
+taken over meanwhile (it went silent for ``staleMs``) cannot write, and ends as
+``session-busy``, never as a model failure.
+
+One entry point serves both callers: :meth:`TurnRunner.run_turn` with
+``already_stored=False`` (HTTP API: the user message and the reply are
+appended together, so a failed turn leaves no trace) or ``already_stored=True``
+(channels: the inbound message was appended durably before the webhook's 2xx;
+only the reply is appended, with ``replyTo``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from middleware import LaneGrant, SessionBusy, TranscriptStore
+
+from .providers import ChatMessage, Failover
+
+Record = dict[str, Any]
+LOST_LANE_RETRY_AFTER_MS = 1_000
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC timestamp with milliseconds, e.g. ``2026-01-31T12:00:00.123Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_record(role: str, text: str, **fields: Any) -> Record:
+    """A transcript record: ``id``, ``role``, ``text``, ``at`` plus the given fields that are not ``None``."""
+    record: Record = {"id": new_message_id(), "role": role, "text": text, "at": utc_now()}
+    record.update({name: value for name, value in fields.items() if value is not None})
+    return record
+
+
+def user_record(
+    text: str, *, sender: str | None = None, channel: str | None = None, external_id: str | None = None
+) -> Record:
+    """The record of an inbound user message (``externalId`` e.g. ``telegram:<update_id>``)."""
+    return new_record("user", text, sender=sender, channel=channel, externalId=external_id)
+
+
+def chat_messages(records: Sequence[Record]) -> list[ChatMessage]:
+    """Transcript records as the model sees them (oldest first)."""
+    return [{"role": r["role"], "content": r["text"]} for r in records if r.get("role") in ("user", "assistant")]
+
+
+def history_up_to(transcript: Sequence[Record], user: Record) -> list[Record]:
+    """The transcript up to and including the stored ``user`` record (later messages get their own turns)."""
+    for position, record in enumerate(transcript):
+        if record.get("id") == user["id"]:
+            return list(transcript[: position + 1])
+    raise ValueError(f"user record {user['id']!r} is not in the transcript (already_stored=True)")
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    session_id: str
+    user: Record
+    reply: Record
+
+    @property
+    def provider(self) -> str:
+        return self.reply["provider"]
+
+
+def ensure_lane_held(grant: LaneGrant) -> None:
+    """Raise ``session-busy`` if the lane was taken over (this turn may no longer write)."""
+    if grant.lost:
+        raise SessionBusy(
+            f"the turn for session {grant.session_id!r} lost its lane (silent for longer than staleMs)",
+            retry_after_ms=LOST_LANE_RETRY_AFTER_MS,
+            session_id=grant.session_id,
+        )
+
+
+class TurnRunner:
+    """Runs turns against one transcript store and one provider list."""
+
+    def __init__(self, store: TranscriptStore, providers: Failover) -> None:
+        self.store = store
+        self.providers = providers
+
+    async def run_turn(
+        self, grant: LaneGrant, session_id: str, user: Record, *, already_stored: bool = False
+    ) -> TurnResult:
+        """Read → model call (no lock) → append with ``grant.fence``; the caller holds ``grant`` throughout.
+
+        Raises ``AllProvidersFailed`` (502) when every provider failed, and
+        ``SessionBusy`` (``FencedOut``, ``LockTimeout`` or a lost lane) when
+        the turn may not write; nothing is appended then.
+        """
+        if grant.session_id != session_id:
+            raise ValueError(f"lane grant is for {grant.session_id!r}, not {session_id!r}")
+        transcript = await self.store.read(session_id)  # takes and releases the write lock
+        history = history_up_to(transcript, user) if already_stored else [*transcript, user]
+        ensure_lane_held(grant)
+        completion = await self.providers.complete(chat_messages(history), session_id=session_id)
+        ensure_lane_held(grant)
+        reply = new_record(
+            "assistant", completion.text, provider=completion.provider, replyTo=user["id"], channel=user.get("channel")
+        )
+        await self.store.append(session_id, [reply] if already_stored else [user, reply], fence=grant.fence)
+        return TurnResult(session_id=session_id, user=user, reply=reply)

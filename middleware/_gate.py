@@ -1,0 +1,258 @@
+"""SessionGate: the ASGI middleware that turns session contention into fast, typed answers.
+
+A chat gateway must run one turn per conversation at a time. Waiting for a
+lock inside the handler makes a second message hang, then fail as if the model
+were down. SessionGate decides *before* the endpoint runs, in the contract's
+order: rate limits, then the ``Idempotency-Key``, then the session's lane. A
+request that cannot run now gets a problem+json answer with ``Retry-After`` at
+once (no transcript I/O, no body read unless an Idempotency-Key asks for it);
+an admitted one holds the lane until its response is complete, the client goes
+away, or the endpoint raises, whichever comes first.
+
+As in Starlette's GZip middleware, per-request state lives in a
+:class:`_Responder`, never on the shared middleware instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._backend import Backend, open_backend
+from ._config import Settings
+from ._errors import PayloadTooLarge, SessionGateError
+from ._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
+from ._ids import validate_session_id
+from ._metrics import CONTENTION_ANSWERS
+from ._problem import problem_status, send_problem
+from ._ratelimit import RateLimits
+
+if TYPE_CHECKING:
+    from ._lanes import LaneGrant
+
+SessionKey = Callable[[Scope], "str | None"]
+LANE_STATE_KEY = "sessiongate.lane"
+REPLAYED_HEADER = (b"idempotent-replayed", b"true")
+
+
+def lane_of(scope: Scope) -> LaneGrant | None:
+    """The lane grant SessionGate put on an admitted request (``request.state`` in Starlette)."""
+    state = scope.get("state")
+    return state.get(LANE_STATE_KEY) if state else None
+
+
+def client_address(scope: Scope) -> str | None:
+    """The default sender key: the client's IP address."""
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+class SessionGate:
+    """Pure ASGI middleware: rate limits → Idempotency-Key → session lane, then the app.
+
+    ``session_key(scope)`` names the session of a request (``None``: not a
+    session request, passed through untouched). ``sender_key(scope)`` names
+    the sender for ``rateLimits.perSender`` (default: the client address).
+    Without ``backend`` one is opened from ``settings`` on first use and
+    closed at lifespan shutdown.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings | None = None,
+        backend: Backend | None = None,
+        session_key: SessionKey,
+        sender_key: SessionKey | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings or (backend.settings if backend is not None else Settings())
+        self.session_key = session_key
+        self.sender_key = sender_key or client_address
+        self.rate_limits = RateLimits(self.settings)
+        self._backend = backend
+        self._owns_backend = backend is None
+        self._idempotency: Idempotency | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = open_backend(self.settings)
+        return self._backend
+
+    @property
+    def idempotency(self) -> Idempotency:
+        if self._idempotency is None:
+            self._idempotency = Idempotency(
+                self.backend.records,
+                ttl_ms=self.settings.idempotency.ttl_ms,
+                estimate_retry_after_ms=self.backend.lanes.estimate_retry_after_ms,
+            )
+        return self._idempotency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._closing_on_shutdown(send))
+            return
+        session_id = self.session_key(scope) if scope["type"] == "http" else None
+        if session_id is None:
+            await self.app(scope, receive, send)
+            return
+        responder = _Responder(self, scope, receive, send)
+        try:
+            admitted = await self._admit(session_id, responder)
+        except SessionGateError as error:
+            await responder.abandon_claim()
+            await self._refuse(send, error)
+            return
+        except BaseException:
+            await responder.abandon_claim()
+            raise
+        if admitted:
+            await responder.run()
+
+    async def _admit(self, session_id: str, responder: _Responder) -> bool:
+        """Run the checks in the contract's order; ``False`` if the request was answered here."""
+        validate_session_id(session_id)
+        await self.rate_limits.hit(session_id=session_id, sender=self.sender_key(responder.scope))
+        key = idempotency_key(responder.scope)
+        if key is not None:
+            body = await read_body(responder.receive, max_bytes=self.settings.server.max_body_bytes)
+            if body is None:
+                return False  # the client went away while sending its body
+            responder.receive = replaying(body, responder.receive)
+            outcome = await self.idempotency.begin(session_id, responder.scope, key, body)
+            if isinstance(outcome, StoredAnswer):
+                CONTENTION_ANSWERS.labels(type="idempotent-replayed").inc()
+                await _replay(responder.send, outcome)
+                return False
+            responder.claim = outcome
+        responder.grant = await self.backend.acquire_lane(session_id)
+        return True
+
+    async def _refuse(self, send: Send, error: SessionGateError) -> None:
+        CONTENTION_ANSWERS.labels(type=error.problem_type).inc()
+        await send_problem(send, error, problem_status(error, self.settings))
+
+    def _closing_on_shutdown(self, send: Send) -> Send:
+        async def send_closing_backend(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.aclose()
+            await send(message)
+
+        return send_closing_backend
+
+    async def aclose(self) -> None:
+        """Close what this gate opened: its backend (if it opened it) and the rate-limit storage."""
+        await self.rate_limits.aclose()
+        if self._owns_backend and self._backend is not None:
+            backend, self._backend, self._idempotency = self._backend, None, None
+            await backend.aclose()
+
+
+async def read_body(receive: Receive, *, max_bytes: int | None = None) -> bytes | None:
+    """The whole request body, or ``None`` if the client went away first; over ``max_bytes`` is PayloadTooLarge."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes (server.maxBodyBytes)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands ``body`` over once, then waits on the real one (for ``http.disconnect``)."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+async def _replay(send: Send, answer: StoredAnswer) -> None:
+    await send({"type": "http.response.start", "status": answer.status, "headers": [*answer.headers, REPLAYED_HEADER]})
+    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+
+
+class _Responder:
+    """One admitted request: holds its lane (and Idempotency-Key claim) and lets go exactly once."""
+
+    def __init__(self, gate: SessionGate, scope: Scope, receive: Receive, send: Send) -> None:
+        self.gate = gate
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.grant: LaneGrant | None = None
+        self.claim: Claim | None = None
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._finished = False
+
+    async def run(self) -> None:
+        """Call the app with the lane held; let go when the response is done, the client leaves, or it raises."""
+        state = self.scope.setdefault("state", {})
+        state[LANE_STATE_KEY] = self.grant
+        try:
+            await self.gate.app(self.scope, self._receive, self._send)
+        finally:
+            await self._finish(complete=False)
+
+    async def _receive(self) -> Message:
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            await self._release_lane()
+        return message
+
+    async def _send(self, message: Message) -> None:
+        if self.claim is not None:
+            self._keep_for_replay(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            await self._finish(complete=True)  # before the last bytes leave: the next turn may start at once
+        await self.send(message)
+
+    def _keep_for_replay(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+            self._headers = list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            self._body.append(message.get("body", b""))
+
+    async def _finish(self, *, complete: bool) -> None:
+        """Keep or drop the Idempotency-Key claim, then release the lane (each once)."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            if complete:
+                await self._complete_claim()
+            else:
+                await self.abandon_claim()
+        finally:
+            await self._release_lane()
+
+    async def _complete_claim(self) -> None:
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            await claim.complete(StoredAnswer(self._status, self._headers, b"".join(self._body)))
+
+    async def abandon_claim(self) -> None:
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            await claim.abandon()
+
+    async def _release_lane(self) -> None:
+        grant, self.grant = self.grant, None
+        if grant is not None:
+            await grant.release()

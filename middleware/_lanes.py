@@ -1,0 +1,226 @@
+"""Session lanes: one turn per session at a time, across every process sharing the storage.
+
+A lane is held for a whole turn (the model call included), unlike the write
+lock. ``lane.mode = reject`` answers a second message at once (after
+``lane.maxWaitMs``) with :class:`SessionBusy`; ``queue`` lines messages up in
+the session's FIFO (storage tickets, so the order holds across processes) up
+to ``lane.queueCap`` and ``lane.queueWaitMs``.
+
+Busy answers must be cheap: a session held by this process is answered from
+in-process state without touching the storage, and never from the transcript.
+Their ``retry_after_ms`` predicts when the session frees up from an EWMA of
+turn durations (per session, falling back to all sessions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from ._config import Settings
+from ._errors import QueueFull, SessionBusy
+from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TAKEOVERS, TURN_SECONDS
+from ._storage import LeaseKind, LeaseStorage, StoredLease, Ticket
+from ._waiting import Backoff, Heartbeat, Wakeups
+
+
+class TurnDurations:
+    """Exponentially weighted moving averages of turn durations, per session and overall."""
+
+    ALPHA = 0.3
+    DEFAULT_MS = 1000.0
+    MAX_SESSIONS = 10_000  # least recently finished sessions are forgotten first
+
+    def __init__(self) -> None:
+        self._per_session: OrderedDict[str, float] = OrderedDict()
+        self._overall: float | None = None
+
+    @classmethod
+    def _blend(cls, average: float | None, sample: float) -> float:
+        return sample if average is None else average + cls.ALPHA * (sample - average)
+
+    def observe(self, session_id: str, duration_ms: float) -> None:
+        self._per_session[session_id] = self._blend(self._per_session.pop(session_id, None), duration_ms)
+        if len(self._per_session) > self.MAX_SESSIONS:
+            self._per_session.popitem(last=False)
+        self._overall = self._blend(self._overall, duration_ms)
+
+    def expected_ms(self, session_id: str) -> float:
+        expected = self._per_session.get(session_id, self._overall)
+        return self.DEFAULT_MS if expected is None else expected
+
+
+class LaneGrant:
+    """The right to run one turn of ``session_id``; give it back with :meth:`release`.
+
+    ``fence`` is the grant's fencing token (pass it to ``TranscriptStore.append``).
+    ``lost`` turns ``True`` when the heartbeat finds the lease taken over by
+    another holder (this one was stale); its later writes will be fenced out.
+    """
+
+    def __init__(self, lanes: Lanes, session_id: str, lease: StoredLease) -> None:
+        self.session_id = session_id
+        self.fence = lease.holder.fence
+        self.started_at = time.monotonic()
+        self.lost = False
+        self._lanes = lanes
+        self._lease = lease
+        self._released = False
+        stale_ms = lanes.stale_ms
+        self._heartbeat = Heartbeat(lease.renew, stale_ms / 3000, self._mark_lost)
+
+    def _mark_lost(self) -> None:
+        self.lost = True
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    async def release(self) -> None:
+        """Give the lane back (idempotent); records the turn's duration for Retry-After estimates."""
+        if self._released:
+            return
+        self._released = True
+        self._heartbeat.stop()
+        await self._lanes._finish(self, self._lease)
+
+    async def __aenter__(self) -> LaneGrant:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.release()
+
+    def __repr__(self) -> str:
+        return f"<LaneGrant {self.session_id!r} fence={self.fence} lost={self.lost}>"
+
+
+class Lanes:
+    """The lane strategy over any :class:`LeaseStorage`."""
+
+    def __init__(self, storage: LeaseStorage, settings: Settings) -> None:
+        self._storage = storage
+        self._settings = settings.lane
+        self.stale_ms = settings.session_write_lock.stale_ms
+        self._held: dict[str, LaneGrant] = {}  # sessions whose turn runs in this process
+        self._wakeups = Wakeups()
+        self.durations = TurnDurations()
+
+    async def acquire(self, session_id: str, *, max_wait_ms: int | None = None) -> LaneGrant:
+        """The session's lane; raises SessionBusy (or QueueFull in queue mode) when not had in time."""
+        asked_at = time.monotonic()
+        if self._settings.mode == "queue":
+            wait_ms = self._settings.queue_wait_ms if max_wait_ms is None else max_wait_ms
+            return await self._acquire_queued(session_id, asked_at, asked_at + wait_ms / 1000)
+        wait_ms = self._settings.max_wait_ms if max_wait_ms is None else max_wait_ms
+        return await self._acquire_direct(session_id, asked_at, asked_at + wait_ms / 1000)
+
+    async def _try(self, session_id: str, asked_at: float) -> LaneGrant | None:
+        if session_id in self._held:  # answered from memory: this process runs its turn
+            return None
+        lease = await self._storage.try_acquire(LeaseKind.LANE, session_id, stale_ms=self.stale_ms)
+        if lease is None:
+            return None
+        LANE_WAIT_SECONDS.observe(time.monotonic() - asked_at)
+        if lease.reclaimed is not None:
+            TAKEOVERS.labels(kind=LeaseKind.LANE.value, reason=lease.reclaimed.value).inc()
+        grant = self._held[session_id] = LaneGrant(self, session_id, lease)
+        return grant
+
+    async def _wait(self, session_id: str, deadline: float, backoff: Backoff) -> bool:
+        """Sleep until a local release or the next poll; ``False`` once the deadline has passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if session_id not in self._held:  # the holder is elsewhere: poll
+            remaining = min(remaining, backoff.next_delay())
+        await self._wakeups.wait(session_id, remaining)
+        return True
+
+    async def _acquire_direct(self, session_id: str, asked_at: float, deadline: float) -> LaneGrant:
+        backoff = Backoff()
+        while True:
+            grant = await self._try(session_id, asked_at)
+            if grant is not None:
+                return grant
+            if not await self._wait(session_id, deadline, backoff):
+                raise await self._busy(session_id)
+
+    async def _acquire_queued(self, session_id: str, asked_at: float, deadline: float) -> LaneGrant:
+        cap = self._settings.queue_cap
+        ticket = await self._storage.enqueue(session_id, cap=cap, stale_ms=self.stale_ms)
+        if ticket is None:
+            raise QueueFull(
+                session_id, queue_cap=cap, retry_after_ms=await self._estimate(session_id, cap)
+            )
+        QUEUE_DEPTH.inc()
+        try:
+            return await self._wait_in_queue(ticket, asked_at, deadline)
+        finally:
+            QUEUE_DEPTH.dec()
+            await self._storage.leave_queue(ticket)
+            self._wakeups.notify(session_id)  # the next local waiter may now be at the head
+
+    async def _wait_in_queue(self, ticket: Ticket, asked_at: float, deadline: float) -> LaneGrant:
+        session_id = ticket.session_id
+        backoff = Backoff()
+        renew_every = self.stale_ms / 3000
+        renew_at = time.monotonic() + renew_every
+        while True:
+            position = await self._storage.queue_position(ticket, stale_ms=self.stale_ms)
+            if position == 0:
+                grant = await self._try(session_id, asked_at)
+                if grant is not None:
+                    return grant
+            if time.monotonic() >= renew_at:
+                await self._storage.renew_ticket(ticket)
+                renew_at = time.monotonic() + renew_every
+            if not await self._wait(session_id, deadline, backoff):
+                raise await self._busy(session_id, position)
+
+    async def _busy(self, session_id: str, queue_position: int = 0) -> SessionBusy:
+        return SessionBusy(
+            f"session {session_id!r} has a turn in progress",
+            retry_after_ms=await self._estimate(session_id, queue_position),
+            session_id=session_id,
+        )
+
+    async def _estimate(self, session_id: str, queue_position: int) -> int:
+        """Retry-After for a busy answer; the holder's start comes from memory or the storage."""
+        if session_id in self._held:
+            return self.estimate_retry_after_ms(session_id, queue_position)
+        holder = await self._storage.holder(LeaseKind.LANE, session_id)
+        elapsed_ms = 0.0 if holder is None else max(0.0, (time.time() - holder.since) * 1000)
+        return self.estimate_retry_after_ms(session_id, queue_position, elapsed_ms=elapsed_ms)
+
+    def estimate_retry_after_ms(
+        self, session_id: str, queue_position: int = 0, *, elapsed_ms: float | None = None
+    ) -> int:
+        """When the session should be free for one more turn, in ms (at least 1).
+
+        Expected turn time minus the current turn's elapsed time (``elapsed_ms``,
+        else from this process's own holder), plus one expected turn per
+        message ahead in the queue. A turn running over its expectation is
+        given a tenth of it, not zero, so clients do not hammer.
+        """
+        expected = self.durations.expected_ms(session_id)
+        if elapsed_ms is None:
+            grant = self._held.get(session_id)
+            elapsed_ms = 0.0 if grant is None else (time.monotonic() - grant.started_at) * 1000
+        remaining = max(expected - elapsed_ms, expected / 10, 1.0)
+        return max(1, round(remaining + queue_position * expected))
+
+    async def _finish(self, grant: LaneGrant, lease: StoredLease) -> None:
+        duration = time.monotonic() - grant.started_at
+        TURN_SECONDS.observe(duration)
+        self.durations.observe(grant.session_id, duration * 1000)
+        if self._held.get(grant.session_id) is grant:
+            del self._held[grant.session_id]
+        try:
+            await lease.release()
+        finally:
+            self._wakeups.notify(grant.session_id)
+
+    async def aclose(self) -> None:
+        """Give back every lane this process still holds (shutdown)."""
+        for grant in list(self._held.values()):
+            await grant.release()

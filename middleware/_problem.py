@@ -1,0 +1,121 @@
+"""RFC 9457 problem+json answers, rendered once from a typed error.
+
+Every error a client sees is a :class:`SessionGateError`; this module is the
+only place that turns one into bytes on the wire. The raw-ASGI path
+(:func:`send_problem`, used by :class:`SessionGate` where no Starlette request
+exists) and the Starlette path (:func:`problem_response`, used by the gateway's
+exception handlers) both call :func:`render_problem`, so the two can never
+drift apart.
+
+Retryable errors (:class:`RetryableError`) carry ``Retry-After`` in whole
+seconds (at least 1, rounded up from ``retryAfterMs``) and ``Cache-Control:
+no-store``, so no cache keeps a transient refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Send
+
+from ._config import Settings
+from ._errors import QueueFull, RateLimited, RetryableError, SessionBusy, SessionGateError
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+# A tag URI (RFC 4151), as RFC 9457 section 3.1.1 suggests for types that are not meant to be dereferenced.
+PROBLEM_TYPE_BASE = "tag:sessiongate,2026:problems/"
+# What a browser client must be able to read from a contention answer (for CORS ``expose_headers``).
+EXPOSED_HEADERS = ("Retry-After", "RateLimit", "RateLimit-Policy", "Idempotent-Replayed")
+
+
+@dataclass(frozen=True)
+class RenderedProblem:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def retry_after_seconds(retry_after_ms: int) -> int:
+    """``Retry-After`` value: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(retry_after_ms / 1000))
+
+
+def problem_status(error: SessionGateError, settings: Settings) -> int:
+    """The HTTP status for ``error``: its default, or ``contention.status`` for ``session-busy``."""
+    return settings.contention.status if isinstance(error, SessionBusy) else error.default_status
+
+
+def problem_body(error: SessionGateError, status: int) -> dict[str, Any]:
+    """The RFC 9457 members of ``error``, plus the extension members of its type."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + error.problem_type,
+        "title": error.title,
+        "status": status,
+        "detail": error.detail,
+    }
+    if error.session_id is not None:
+        body["sessionId"] = error.session_id
+    if isinstance(error, RetryableError):
+        body["retryAfterMs"] = error.retry_after_ms
+    if isinstance(error, RateLimited):
+        body.update(policy=error.policy, limit=error.limit, remaining=error.remaining, windowSeconds=error.window_s)
+    if isinstance(error, QueueFull):
+        body["queueCap"] = error.queue_cap
+    return body
+
+
+def problem_headers(error: SessionGateError) -> list[tuple[str, str]]:
+    """Headers of the answer besides ``Content-Type``: Retry-After, caching, RateLimit fields."""
+    headers: list[tuple[str, str]] = []
+    if isinstance(error, RetryableError):
+        headers.append(("Retry-After", str(retry_after_seconds(error.retry_after_ms))))
+        headers.append(("Cache-Control", "no-store"))
+    if isinstance(error, RateLimited):
+        headers.extend(ratelimit_fields(error))
+    return headers
+
+
+def ratelimit_fields(error: RateLimited) -> list[tuple[str, str]]:
+    """``RateLimit-Policy`` / ``RateLimit`` in the syntax of draft-ietf-httpapi-ratelimit-headers-10.
+
+    Both are Structured Field lists of a policy name with parameters: ``q``
+    (quota) and ``w`` (window, seconds) for the policy, ``r`` (remaining) and
+    ``t`` (seconds until quota is available again) for the current state.
+    """
+    name = json.dumps(error.policy)  # an sf-string: quoted, with \\ and \" escaped
+    return [
+        ("RateLimit-Policy", f"{name};q={error.limit};w={error.window_s}"),
+        ("RateLimit", f"{name};r={error.remaining};t={retry_after_seconds(error.retry_after_ms)}"),
+    ]
+
+
+def render_problem(error: SessionGateError, status: int | None = None) -> RenderedProblem:
+    """Status, headers and JSON body of the answer for ``error`` (``status`` overrides the default)."""
+    status = status or error.default_status
+    body = json.dumps(problem_body(error, status), separators=(",", ":")).encode()
+    headers = [("Content-Type", PROBLEM_CONTENT_TYPE), *problem_headers(error)]
+    return RenderedProblem(status, headers, body)
+
+
+def problem_response(error: SessionGateError, status: int | None = None) -> Response:
+    """A Starlette response for ``error`` (for exception handlers)."""
+    problem = render_problem(error, status)
+    return Response(
+        problem.body,
+        status_code=problem.status,
+        headers=dict(problem.headers),
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+async def send_problem(send: Send, error: SessionGateError, status: int | None = None) -> None:
+    """Answer ``error`` on a raw ASGI ``send`` (the response must not have started)."""
+    problem = render_problem(error, status)
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in problem.headers]
+    headers.append((b"content-length", str(len(problem.body)).encode()))
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": problem.body, "more_body": False})

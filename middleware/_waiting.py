@@ -1,0 +1,115 @@
+"""Bounded waiting, shared by the lane and write-lock strategies.
+
+Storages only offer non-blocking attempts, so every wait is a loop of tries.
+Waiters in this process are woken at once when a local holder lets go
+(:class:`Wakeups`); holders in other processes are noticed by polling with a
+capped exponential backoff (:class:`Backoff`). A held lease shows life through
+a :class:`Heartbeat` timer on the event loop, so a stalled loop stops beating
+and its lease goes stale, as the contract wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+logger = logging.getLogger("sessiongate.locks")
+
+
+class Backoff:
+    """Polling intervals: ``first`` seconds, doubling up to ``cap``."""
+
+    def __init__(self, first: float = 0.001, cap: float = 0.025) -> None:
+        self._next = first
+        self._cap = cap
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self._cap, self._next * 2)
+        return delay
+
+
+class _Waiting:
+    __slots__ = ("event", "waiters")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.waiters = 0
+
+
+class Wakeups:
+    """Per-key wake-up calls for waiters in this process (one event loop)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, _Waiting] = {}
+
+    async def wait(self, key: str, timeout: float) -> None:
+        """Return on :meth:`notify` of ``key`` or after ``timeout`` seconds, whichever is first."""
+        if timeout <= 0:
+            return
+        waiting = self._by_key.get(key)
+        if waiting is None:
+            waiting = self._by_key[key] = _Waiting()
+        waiting.waiters += 1
+        try:
+            async with asyncio.timeout(timeout):
+                await waiting.event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            waiting.waiters -= 1
+            if waiting.waiters == 0 and self._by_key.get(key) is waiting:
+                del self._by_key[key]
+
+    def notify(self, key: str) -> None:
+        """Wake every current waiter of ``key``; later waiters wait for the next call."""
+        waiting = self._by_key.pop(key, None)
+        if waiting is not None:
+            waiting.event.set()
+
+
+class Heartbeat:
+    """Calls ``renew`` every ``interval`` seconds on the running loop until stopped.
+
+    A timer rather than a task per lease, so a short hold costs one timer
+    handle. ``renew`` returning ``False`` means the lease was taken over:
+    ``on_lost`` is called and the beating stops. A failing ``renew`` (storage
+    unreachable) is logged and retried at the next beat.
+    """
+
+    def __init__(
+        self,
+        renew: Callable[[], Awaitable[bool]],
+        interval: float,
+        on_lost: Callable[[], None],
+    ) -> None:
+        self._renew = renew
+        self._interval = interval
+        self._on_lost = on_lost
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval, self._fire)
+        self._task: asyncio.Task[None] | None = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._task = self._loop.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        try:
+            alive = await self._renew()
+        except Exception:  # the storage is unreachable: we cannot know, try again later
+            logger.warning("lease heartbeat failed; retrying", exc_info=True)
+            alive = True
+        if not alive:
+            self._on_lost()
+        elif self._task is not None:  # not stopped meanwhile
+            self._timer = self._loop.call_later(self._interval, self._fire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()

@@ -1,0 +1,20 @@
+"""Local fake servers for third-party APIs (never mocks of our own code), and the real gateway served beside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app._server import create_app
+from middleware import Settings
+from tests.support import UvicornThread
+
+
+def gateway_settings(data_dir: Path, config: dict[str, Any] | None = None) -> Settings:
+    """Settings from ``config`` (camelCase, as in a config file) alone: the environment is not read."""
+    return Settings.load(env={}, overrides={"dataDir": str(data_dir), **(config or {})})
+
+
+def serve_gateway(data_dir: Path, config: dict[str, Any] | None = None) -> UvicornThread:
+    """The real gateway app for ``config`` in a uvicorn thread (enter it to start)."""
+    return UvicornThread(create_app(gateway_settings(data_dir, config)), timeout_graceful_shutdown=2)

@@ -1,0 +1,124 @@
+"""File storage specifics: symlinks refused, dead holders, replaced files, restarts, dead waiters."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from middleware._errors import BackendUnavailable
+from middleware._file import FileStorage, LockPathAttack
+from middleware._storage import HolderState, LeaseKind
+from tests.support import wait_until
+from tests.workers import settings_for, spawn
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> FileStorage:
+    return FileStorage.from_settings(settings_for(tmp_path))
+
+
+@pytest.mark.parametrize("kind", list(LeaseKind))
+async def test_symlink_planted_at_the_lock_path_is_not_followed(
+    storage: FileStorage, tmp_path: Path, kind: LeaseKind
+) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    os.symlink(target, storage.locks_dir / f"s.{kind.value}")
+    with pytest.raises(LockPathAttack):
+        await storage.try_acquire(kind, "s", stale_ms=30_000)
+    assert target.read_text() == "keep me"
+
+
+async def test_symlinked_locks_folder_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "data").mkdir()
+    os.symlink(elsewhere, tmp_path / "data" / "locks")
+    with pytest.raises(LockPathAttack):
+        FileStorage.from_settings(settings_for(tmp_path / "data"))
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_a_holder_killed_mid_hold_is_reclaimed_and_listed_as_dead(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, sessionWriteLock={"staleMs": 600_000})
+    ready = tmp_path / "ready"
+    holder_process = spawn("hold", settings, ready, "s")
+    try:
+        wait_until(ready.exists, timeout=20, what="holder ready")
+    finally:
+        os.kill(holder_process.pid, signal.SIGKILL)
+        holder_process.communicate(timeout=10)
+    storage = FileStorage.from_settings(settings)
+    holders = await storage.holders()
+    assert {(h.kind, h.pid) for h in holders} == {(kind, holder_process.pid) for kind in LeaseKind}
+    assert all(h.state(600_000) is HolderState.DEAD_PID for h in holders)
+
+    lease = await storage.try_acquire(LeaseKind.LANE, "s", stale_ms=600_000)
+    assert lease is not None and lease.reclaimed is HolderState.DEAD_PID and lease.holder.fence == 2
+    write_holder = next(h for h in holders if h.kind is LeaseKind.WRITE)
+    assert await storage.break_lease(write_holder, stale_ms=600_000)  # the operator CLI's clean
+    assert not await storage.break_lease(write_holder, stale_ms=600_000)
+    assert [h.kind for h in await storage.holders()] == [LeaseKind.LANE]
+    await lease.release()
+    assert await storage.holders() == []
+
+
+async def test_a_lock_file_replaced_under_a_holder_is_noticed(storage: FileStorage) -> None:
+    lease = await storage.try_acquire(LeaseKind.WRITE, "s", stale_ms=30_000)
+    assert lease is not None and await lease.renew()
+    path = storage.locks_dir / "s.write"
+    path.unlink()
+    path.write_text("")
+    assert not await lease.renew()
+    await lease.release()
+    assert path.read_text() == ""  # the release touched only its own (unlinked) file
+
+
+async def test_fences_survive_a_restart(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    for expected in (1, 2):
+        storage = FileStorage.from_settings(settings)
+        lease = await storage.try_acquire(LeaseKind.LANE, "s", stale_ms=30_000)
+        assert lease is not None and lease.holder.fence == expected
+        await lease.release()
+        await storage.aclose()
+    assert await FileStorage.from_settings(settings).current_fence("s") == 2
+
+
+async def test_a_dead_waiter_is_skipped_in_the_queue(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, lane={"mode": "queue", "queueWaitMs": 30_000})
+    storage = FileStorage.from_settings(settings)
+    lease = await storage.try_acquire(LeaseKind.LANE, "q", stale_ms=30_000)
+    waiter = spawn("queue", settings, "q", "w", tmp_path / "out.txt")
+    queue_dir = storage.locks_dir / "q.queue"
+    try:
+        wait_until(lambda: queue_dir.exists() and any(n[0] != "." for n in os.listdir(queue_dir)), timeout=20)
+    finally:
+        os.kill(waiter.pid, signal.SIGKILL)
+        waiter.communicate(timeout=10)
+    ticket = await storage.enqueue("q", cap=1, stale_ms=30_000)  # the dead waiter does not count
+    assert ticket is not None
+    assert await storage.queue_position(ticket, stale_ms=30_000) == 0
+    assert [n for n in os.listdir(queue_dir) if n[0] != "."] == [f"{int(ticket.id):016d}"]
+    await storage.leave_queue(ticket)
+    assert lease is not None
+    await lease.release()
+
+
+async def test_ids_map_to_escaped_file_names_inside_the_locks_folder(storage: FileStorage) -> None:
+    lease = await storage.try_acquire(LeaseKind.LANE, ".hidden:1", stale_ms=30_000)
+    assert lease is not None
+    assert sorted(os.listdir(storage.locks_dir)) == ["%2Ehidden%3A1.fence", "%2Ehidden%3A1.lane"]
+    await lease.release()
+
+
+
+async def test_a_lock_path_that_cannot_be_opened_reads_as_backend_unavailable(storage: FileStorage) -> None:
+    (storage.locks_dir / "s.write").mkdir()  # EISDIR, as a broken disk or mount would give an OSError
+    with pytest.raises(BackendUnavailable):
+        await storage.try_acquire(LeaseKind.WRITE, "s", stale_ms=30_000)

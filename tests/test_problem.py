@@ -1,0 +1,120 @@
+"""problem+json (RFC 9457) rendering: every contract error type, both output paths identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from middleware._config import Settings
+from middleware._errors import (
+    BackendUnavailable,
+    IdempotencyInFlight,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    InvalidSessionId,
+    LockTimeout,
+    PayloadTooLarge,
+    QueueFull,
+    RateLimited,
+    SessionBusy,
+    SessionGateError,
+    Unauthorized,
+)
+from middleware._problem import problem_response, problem_status, render_problem, retry_after_seconds, send_problem
+
+RATE_LIMITED = RateLimited(
+    "perSession quota spent", retry_after_ms=12_345, limit=30, remaining=0, window_s=60, policy="perSession",
+    session_id="s1",
+)
+
+CASES: list[tuple[SessionGateError, str, int, bool]] = [
+    (SessionBusy("busy", retry_after_ms=1500, session_id="s1"), "session-busy", 409, True),
+    (LockTimeout("s1", waited_ms=20, retry_after_ms=250), "session-busy", 409, True),
+    (QueueFull("s1", queue_cap=2, retry_after_ms=3000), "queue-full", 429, True),
+    (RATE_LIMITED, "rate-limited", 429, True),
+    (IdempotencyInFlight("running", retry_after_ms=1000, session_id="s1"), "idempotency-in-flight", 409, True),
+    (IdempotencyKeyReused("other body", session_id="s1"), "idempotency-key-reused", 422, False),
+    (InvalidRequest("bad json"), "invalid-request", 400, False),
+    (InvalidSessionId("a b"), "invalid-session-id", 400, False),
+    (PayloadTooLarge("too big"), "payload-too-large", 413, False),
+    (Unauthorized("no token"), "unauthorized", 401, False),
+    (BackendUnavailable("redis down"), "backend-unavailable", 503, True),
+]
+
+
+@pytest.mark.parametrize(("error", "name", "status", "retryable"), CASES, ids=[c[1] + str(i) for i, c in enumerate(CASES)])
+def test_every_contract_error_renders_as_problem_json(
+    error: SessionGateError, name: str, status: int, retryable: bool
+) -> None:
+    problem = render_problem(error)
+    body = json.loads(problem.body)
+    headers = dict(problem.headers)
+
+    assert problem.status == status == body["status"]
+    assert body["type"].endswith("/" + name)
+    assert body["title"] == error.title and body["detail"] == error.detail
+    assert headers["Content-Type"] == "application/problem+json"
+    assert ("sessionId" in body) == (error.session_id is not None)
+    if retryable:
+        assert body["retryAfterMs"] == error.retry_after_ms
+        assert int(headers["Retry-After"]) >= 1
+        assert headers["Cache-Control"] == "no-store"
+    else:
+        assert "retryAfterMs" not in body and "Retry-After" not in headers and "Cache-Control" not in headers
+
+
+@pytest.mark.parametrize(("ms", "seconds"), [(1, 1), (999, 1), (1000, 1), (1001, 2), (12_345, 13)])
+def test_retry_after_is_whole_seconds_rounded_up_at_least_one(ms: int, seconds: int) -> None:
+    assert retry_after_seconds(ms) == seconds
+
+
+def test_invalid_session_id_is_never_echoed_as_a_session_id() -> None:
+    body = json.loads(render_problem(InvalidSessionId("../etc")).body)
+    assert "sessionId" not in body
+
+
+def test_rate_limited_carries_ratelimit_fields_of_the_ietf_draft() -> None:
+    problem = render_problem(RATE_LIMITED)
+    headers = dict(problem.headers)
+    body = json.loads(problem.body)
+
+    assert headers["RateLimit-Policy"] == '"perSession";q=30;w=60'
+    assert headers["RateLimit"] == '"perSession";r=0;t=13'
+    assert headers["Retry-After"] == "13"
+    assert body | {"policy": "perSession", "limit": 30, "remaining": 0, "windowSeconds": 60} == body
+
+
+def test_contention_status_applies_to_session_busy_only() -> None:
+    settings = Settings(contention={"status": 429})
+    assert problem_status(SessionBusy("busy", retry_after_ms=5), settings) == 429
+    assert problem_status(LockTimeout("s", waited_ms=1, retry_after_ms=5), settings) == 429
+    assert problem_status(QueueFull("s", queue_cap=1, retry_after_ms=5), settings) == 429
+    assert problem_status(IdempotencyInFlight("x", retry_after_ms=5), settings) == 409
+    assert problem_status(SessionBusy("busy", retry_after_ms=5), Settings()) == 409
+    body = json.loads(render_problem(SessionBusy("busy", retry_after_ms=5), 429).body)
+    assert body["status"] == 429
+
+
+@pytest.mark.anyio
+async def test_starlette_response_and_raw_asgi_send_the_same_answer() -> None:
+    error = QueueFull("s1", queue_cap=2, retry_after_ms=2500)
+    raw: list[dict] = []
+    via_starlette: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def record(into: list[dict]):
+        async def send(message: dict) -> None:
+            into.append(message)
+
+        return send
+
+    await send_problem(await record(raw), error)
+    await problem_response(error)({"type": "http", "method": "GET", "headers": []}, receive, await record(via_starlette))
+
+    assert [m["type"] for m in raw] == [m["type"] for m in via_starlette]
+    assert raw[0]["status"] == via_starlette[0]["status"] == 429
+    assert sorted(raw[0]["headers"]) == sorted(via_starlette[0]["headers"])
+    assert raw[1]["body"] == via_starlette[1]["body"]
