@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from middleware import LaneGrant, SessionBusy, TranscriptStore
+from middleware import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore
 
 from .providers import ChatMessage, Failover
 
@@ -49,10 +49,42 @@ def new_record(role: str, text: str, **fields: Any) -> Record:
 
 
 def user_record(
-    text: str, *, sender: str | None = None, channel: str | None = None, external_id: str | None = None
+    text: str,
+    *,
+    sender: str | None = None,
+    channel: str | None = None,
+    external_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> Record:
-    """The record of an inbound user message (``externalId`` e.g. ``telegram:<update_id>``)."""
-    return new_record("user", text, sender=sender, channel=channel, externalId=external_id)
+    """The record of an inbound user message (``externalId`` e.g. ``telegram:<update_id>``).
+
+    ``idempotencyKey`` is kept in the transcript so that a retry whose first
+    attempt was appended by a process that died before answering finds its
+    answer there (see :func:`answered_earlier`).
+    """
+    return new_record(
+        "user", text, sender=sender, channel=channel, externalId=external_id, idempotencyKey=idempotency_key
+    )
+
+
+def answered_earlier(transcript: Sequence[Record], user: Record) -> tuple[Record, Record] | None:
+    """The stored (user, reply) pair of an earlier attempt with the same ``idempotencyKey``, if any.
+
+    The gate's idempotency records answer most retries; this covers the one
+    case they cannot: the turn was appended, then its process died before the
+    answer was recorded or sent. Raises ``IdempotencyKeyReused`` if the key
+    came with another text.
+    """
+    key = user.get("idempotencyKey")
+    if key is None:
+        return None
+    earlier = next((r for r in transcript if r.get("role") == "user" and r.get("idempotencyKey") == key), None)
+    if earlier is None:
+        return None
+    if earlier["text"] != user["text"]:
+        raise IdempotencyKeyReused("this Idempotency-Key was already used in this session for a different message")
+    reply = next((r for r in transcript if r.get("role") == "assistant" and r.get("replyTo") == earlier["id"]), None)
+    return None if reply is None else (earlier, reply)
 
 
 def chat_messages(records: Sequence[Record]) -> list[ChatMessage]:
@@ -108,6 +140,8 @@ class TurnRunner:
         if grant.session_id != session_id:
             raise ValueError(f"lane grant is for {grant.session_id!r}, not {session_id!r}")
         transcript = await self.store.read(session_id)  # takes and releases the write lock
+        if not already_stored and (stored := answered_earlier(transcript, user)) is not None:
+            return TurnResult(session_id=session_id, user=stored[0], reply=stored[1])
         history = history_up_to(transcript, user) if already_stored else [*transcript, user]
         ensure_lane_held(grant)
         completion = await self.providers.complete(chat_messages(history), session_id=session_id)

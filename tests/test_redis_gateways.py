@@ -200,10 +200,10 @@ async def test_telegram_update_delivered_to_both_instances_is_processed_once(sta
         body = update(update_id=9001, chat_id=777, text="hello twice")
         async with httpx.AsyncClient(timeout=10, headers={SECRET_HEADER: SECRET}) as client:
             acks = await asyncio.gather(*(deliver_like_telegram(client, g.url, body) for g in (a, b, a, b)))
-            await wait_for(lambda: len(api.texts(777)) >= 1, timeout=15)
+            await wait_for(lambda: len(api.texts(chat_id=777)) >= 1, timeout=15)
             await anyio.sleep(1.0)  # a duplicate, if any, would go out meanwhile
             transcript = await client.get(messages_url(a.url, "telegram:777"))
     assert all(ack.status_code == 200 for ack in acks), [ack.text for ack in acks]
     assert sorted(ack.json()["accepted"] for ack in acks) == ["duplicate", "duplicate", "duplicate", "new"]
-    assert api.texts(777) == ["hello twice"]
+    assert api.texts(chat_id=777) == ["hello twice"]
     assert [r["role"] for r in transcript.json()["messages"]] == ["user", "assistant"]

@@ -188,12 +188,12 @@ async def test_telegram_update_during_an_outage_is_refused_then_processed_once(
         dedicated_redis.start()
         await wait_ready(client, gateway)
         accepted = await deliver_like_telegram(client, gateway.url, body)
-        await wait_for(lambda: len(bot_api.texts(4242)) >= 1, timeout=15)
+        await wait_for(lambda: len(bot_api.texts(chat_id=4242)) >= 1, timeout=15)
         again = await deliver_like_telegram(client, gateway.url, body)
         await asyncio.sleep(0.5)  # a second reply, if any, would go out meanwhile
         transcript = (await client.get(messages_url(gateway.url, "telegram:4242"))).json()["messages"]
 
     assert accepted.status_code == 200 and accepted.json()["accepted"] == "new"
     assert again.status_code == 200 and again.json()["accepted"] == "duplicate"
-    assert bot_api.texts(4242) == ["sent while Redis was down"]
+    assert bot_api.texts(chat_id=4242) == ["sent while Redis was down"]
     assert [r["role"] for r in transcript] == ["user", "assistant"]

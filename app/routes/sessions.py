@@ -33,7 +33,12 @@ class SessionMessages(HTTPEndpoint):
         if grant is None:  # only if the app was assembled without SessionGate in front of this route
             raise SessionGateError("no session lane was granted to this request")
         message = message_of(request.scope)
-        user = user_record(message.text, sender=message.sender, channel="api")
+        user = user_record(
+            message.text,
+            sender=message.sender,
+            channel="api",
+            idempotency_key=request.headers.get("idempotency-key"),
+        )
         result = await gateway_of(request).turns.run_turn(grant, session_id, user)
         return JSONResponse({
             "sessionId": session_id,
