@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from middleware import InvalidRequest, PayloadTooLarge, SessionGateError, validate_session_id
+from middleware._gate import read_body, replaying
 from middleware._problem import send_problem
 
 MESSAGE_STATE_KEY = "app.message"
@@ -95,28 +96,6 @@ class BodyLimit:
 
     def too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"the request body is over the limit of {self.max_bytes} bytes (server.maxBodyBytes)")
-
-
-async def read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or ``None`` if the client went away first."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def replaying(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands ``body`` over once, then waits on the real one (for ``http.disconnect``)."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
 
 
 def parse_message(body: bytes) -> MessageIn:
