@@ -70,6 +70,8 @@ def configure_logging(log_format: str, *, level: int = logging.INFO) -> None:
     for name in ("uvicorn", "uvicorn.error"):  # uvicorn.access stays off: RequestLog logs requests
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # httpx logs every request URL at INFO, and a Telegram Bot API URL carries the bot token
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

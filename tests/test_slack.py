@@ -56,13 +56,18 @@ def signed_post(
     url: str, payload: dict[str, Any], *, timestamp: int | None = None, secret: str = SIGNING_SECRET,
     headers: dict[str, str] | None = None,
 ) -> httpx.Response:
-    """POST ``payload`` signed as Slack does (v0 HMAC-SHA256 over ``v0:<timestamp>:<raw body>``)."""
+    """POST ``payload`` as JSON, signed as Slack does."""
     body = json.dumps(payload).encode()
+    signed = {**signature_headers(body, timestamp=timestamp, secret=secret), **(headers or {})}
+    return httpx.post(f"{url}/v1/webhooks/slack", content=body, headers=signed, timeout=10)
+
+
+def signature_headers(body: bytes, *, timestamp: int | None = None, secret: str = SIGNING_SECRET) -> dict[str, str]:
+    """Slack's v0 signature: HMAC-SHA256 over ``v0:<timestamp>:<raw body>``, computed here independently."""
     stamp = str(int(time.time()) if timestamp is None else timestamp)
     digest = hmac.new(secret.encode(), f"v0:{stamp}:".encode() + body, hashlib.sha256).hexdigest()
-    signed = {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": f"v0={digest}",
-              "Content-Type": "application/json", **(headers or {})}
-    return httpx.post(f"{url}/v1/webhooks/slack", content=body, headers=signed, timeout=10)
+    return {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": f"v0={digest}",
+            "Content-Type": "application/json"}
 
 
 def message_event(event_id: str, channel: str, text: str, **event: Any) -> dict[str, Any]:
@@ -116,6 +121,12 @@ def test_unconfigured_slack_answers_404_channel_not_configured(tmp_path: Path, s
         response = signed_post(server.url, {"type": "url_verification", "challenge": "c"})
     assert response.status_code == 404
     assert response.json()["type"].endswith("channel-not-configured")
+
+
+def test_signed_body_that_is_not_a_json_object_is_400(gateway: GatewayProcess) -> None:
+    for body in (b"{", b"[1]"):
+        response = httpx.post(f"{gateway.url}/v1/webhooks/slack", content=body, headers=signature_headers(body))
+        assert response.status_code == 400 and response.json()["type"].endswith("invalid-request")
 
 
 def test_message_is_answered_with_chat_post_message(gateway: GatewayProcess, slack_api: FakeSlackApi) -> None:

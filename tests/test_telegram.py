@@ -96,8 +96,11 @@ def test_unconfigured_telegram_answers_404_channel_not_configured(
 def test_update_without_text_is_acknowledged_and_ignored(gateway: GatewayProcess) -> None:
     sticker = {"update_id": 20, "message": {"message_id": 1, "chat": {"id": 12}, "sticker": {"file_id": "x"}}}
     assert post_update(gateway.url, sticker).status_code == 200
-    bad = post_update(gateway.url, {"message": {"text": "no update id"}})
-    assert bad.status_code == 400 and bad.json()["type"].endswith("invalid-request")
+    for malformed in ({"message": {"text": "no update id"}}, {"update_id": 21, "message": {"chat": "x", "text": "hi"}}):
+        bad = post_update(gateway.url, malformed)
+        assert bad.status_code == 400 and bad.json()["type"].endswith("invalid-request")
+    not_json = httpx.post(f"{gateway.url}/v1/webhooks/telegram", content=b"{", headers={SECRET_HEADER: SECRET})
+    assert not_json.status_code == 400 and not_json.json()["type"].endswith("invalid-request")
     assert transcript(gateway, 12) == []
 
 
@@ -239,7 +242,7 @@ async def test_two_gateway_processes_sharing_the_sessions_process_each_update_on
     chat_id = 20 if backend == "file" else 21
     config = gateway_config(bot_api.url, delay_ms=200)
     if backend == "redis":
-        config["backend"] = {"url": "redis://127.0.0.1:6379/13"}
+        config["backend"] = {"url": request.getfixturevalue("redis_url")}
     update_ids = range(700, 710)
     with GatewayProcess(tmp_path / "data", config, env=ENV) as one, GatewayProcess(tmp_path / "data", config, env=ENV) as two:
         async with httpx.AsyncClient(timeout=10) as client:

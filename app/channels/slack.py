@@ -42,6 +42,7 @@ from .worker import (
     channel_for,
     post_json,
     read_json_object,
+    seconds_or_default,
 )
 
 SIGNATURE_HEADER = "X-Slack-Signature"
@@ -125,7 +126,7 @@ class SlackChannel(Channel):
         )
         if response.status_code == 429 or answer.get("error") in RETRYABLE_API_ERRORS:
             raise DeliveryRetry(f"chat.postMessage: {answer.get('error') or 'HTTP 429'}",
-                                retry_after_s=float(response.headers.get("Retry-After") or 1))
+                                retry_after_s=seconds_or_default(response.headers.get("Retry-After")))
         if not answer.get("ok"):
             raise DeliveryFailed(f"chat.postMessage: {answer.get('error') or f'HTTP {response.status_code}'}")
 

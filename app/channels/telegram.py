@@ -32,6 +32,7 @@ from .worker import (
     channel_for,
     post_json,
     read_json_object,
+    seconds_or_default,
 )
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
@@ -76,7 +77,7 @@ class TelegramChannel(Channel):
         message = next((update[kind] for kind in UPDATE_KINDS if isinstance(update.get(kind), dict)), None)
         if message is None or not isinstance(message.get("text"), str):
             return None
-        chat_id = (message.get("chat") or {}).get("id")
+        chat_id = _object(message.get("chat")).get("id")
         if not isinstance(chat_id, int) or isinstance(chat_id, bool):
             raise InvalidRequest("a message needs an integer chat.id")
         record: dict[str, Any] = {
@@ -86,7 +87,7 @@ class TelegramChannel(Channel):
             "externalId": f"telegram:{update_id}",
             "updateId": update_id,
         }
-        sender = (message.get("from") or {}).get("id")
+        sender = _object(message.get("from")).get("id")
         if sender is not None:
             record["sender"] = f"telegram:{sender}"
         return Inbound(
@@ -105,10 +106,15 @@ class TelegramChannel(Channel):
             part = {"chat_id": chat_id, "text": text[start:start + MAX_MESSAGE_CHARS]}
             response, answer = await post_json(http, url, part, what="sendMessage")
             if response.status_code == 429 or answer.get("error_code") == 429:
-                asked = (answer.get("parameters") or {}).get("retry_after") or response.headers.get("Retry-After")
-                raise DeliveryRetry("sendMessage: 429 Too Many Requests", retry_after_s=float(asked or 1))
+                asked = _object(answer.get("parameters")).get("retry_after") or response.headers.get("Retry-After")
+                raise DeliveryRetry("sendMessage: 429 Too Many Requests", retry_after_s=seconds_or_default(asked))
             if not answer.get("ok"):
                 raise DeliveryFailed(f"sendMessage: {answer.get('description') or f'HTTP {response.status_code}'}")
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (a malformed field reads as missing)."""
+    return value if isinstance(value, dict) else {}
 
 
 async def telegram_webhook(request: Request) -> Response:

@@ -38,7 +38,7 @@ import os
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -213,7 +213,7 @@ class ChannelWorker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _until_done(self, key: str, step: Any) -> None:
+    async def _until_done(self, key: str, step: Callable[[], Awaitable[bool]]) -> None:
         """Run ``step()`` until it reports no work and no kick came meanwhile; back off when busy.
 
         An unexpected error is retried a few times, then the task ends (logged);
@@ -401,6 +401,16 @@ async def post_json(
 
 SPOOL_TASK = "(spool)"  # task keys that are not valid session ids, so they never collide with one
 RECOVERY_TASK = "(recovery)"
+
+
+def seconds_or_default(value: object, default: float = 1.0) -> float:
+    """A platform's retry-after as seconds; ``default`` when it is missing or not a number."""
+    if not isinstance(value, (int, float, str)):
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        return default
 
 
 def _platform_retry_after(retry_state: RetryCallState) -> float:
