@@ -297,9 +297,10 @@ class FileStorage(LeaseStorage):
     # -- leases ----------------------------------------------------------------------------
 
     def _holder_json(self, session_id: str, kind: LeaseKind, since: float, fence: int) -> bytes:
+        since_json = repr(since)
         return (
             f'{{"sessionId":"{session_id}","kind":"{kind.value}",{self._identity},'
-            f'"since":{since!r},"heartbeatAt":{since!r},"fence":{fence}}}'
+            f'"since":{since_json},"heartbeatAt":{since_json},"fence":{fence}}}'
         ).encode()
 
     async def try_acquire(

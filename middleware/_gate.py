@@ -15,9 +15,11 @@ As in Starlette's GZip middleware, per-request state lives in a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._backend import Backend, open_backend
@@ -41,6 +43,12 @@ def lane_of(scope: Scope) -> LaneGrant | None:
     """The lane grant SessionGate put on an admitted request (``request.state`` in Starlette)."""
     state = scope.get("state")
     return state.get(LANE_STATE_KEY) if state else None
+
+
+@functools.cache
+def _answers(problem_type: str) -> Counter:
+    """The contention-answer counter of one answer type (``labels()`` looked up once per type)."""
+    return CONTENTION_ANSWERS.labels(type=problem_type)
 
 
 def client_address(scope: Scope) -> str | None:
@@ -117,7 +125,8 @@ class SessionGate:
     async def _admit(self, session_id: str, responder: _Responder) -> bool:
         """Run the checks in the contract's order; ``False`` if the request was answered here."""
         validate_session_id(session_id)
-        await self.rate_limits.hit(session_id=session_id, sender=self.sender_key(responder.scope))
+        if self.rate_limits.enabled:
+            await self.rate_limits.hit(session_id=session_id, sender=self.sender_key(responder.scope))
         key = idempotency_key(responder.scope)
         if key is not None:
             body = await read_body(responder.receive, max_bytes=self.settings.server.max_body_bytes)
@@ -126,15 +135,15 @@ class SessionGate:
             responder.receive = replaying(body, responder.receive)
             outcome = await self.idempotency.begin(session_id, responder.scope, key, body)
             if isinstance(outcome, StoredAnswer):
-                CONTENTION_ANSWERS.labels(type="idempotent-replayed").inc()
+                _answers("idempotent-replayed").inc()
                 await _replay(responder.send, outcome)
                 return False
             responder.claim = outcome
-        responder.grant = await self.backend.acquire_lane(session_id)
+        responder.grant = await self.backend.lanes.acquire(session_id)
         return True
 
     async def _refuse(self, send: Send, error: SessionGateError) -> None:
-        CONTENTION_ANSWERS.labels(type=error.problem_type).inc()
+        _answers(error.problem_type).inc()
         await send_problem(send, error, problem_status(error, self.settings))
 
     def _closing_on_shutdown(self, send: Send) -> Send:
@@ -188,6 +197,8 @@ async def _replay(send: Send, answer: StoredAnswer) -> None:
 class _Responder:
     """One admitted request: holds its lane (and Idempotency-Key claim) and lets go exactly once."""
 
+    __slots__ = ("gate", "scope", "receive", "send", "grant", "claim", "_status", "_headers", "_body", "_finished")
+
     def __init__(self, gate: SessionGate, scope: Scope, receive: Receive, send: Send) -> None:
         self.gate = gate
         self.scope = scope
@@ -207,7 +218,8 @@ class _Responder:
         try:
             await self.gate.app(self.scope, self._receive, self._send)
         finally:
-            await self._finish(complete=False)
+            if not self._finished:
+                await self._finish(complete=False)
 
     async def _receive(self) -> Message:
         message = await self.receive()
@@ -218,7 +230,7 @@ class _Responder:
     async def _send(self, message: Message) -> None:
         if self.claim is not None:
             self._keep_for_replay(message)
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
+        if message["type"] == "http.response.body" and not message.get("more_body", False) and not self._finished:
             await self._finish(complete=True)  # before the last bytes leave: the next turn may start at once
         await self.send(message)
 
@@ -234,6 +246,9 @@ class _Responder:
         if self._finished:
             return
         self._finished = True
+        if self.claim is None:  # the common case: no Idempotency-Key
+            await self._release_lane()
+            return
         try:
             if complete:
                 await self._complete_claim()

@@ -21,7 +21,7 @@ from ._config import Settings
 from ._errors import QueueFull, SessionBusy
 from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TAKEOVERS, TURN_SECONDS
 from ._storage import LeaseKind, LeaseStorage, StoredLease, Ticket
-from ._waiting import Backoff, Heartbeat, Wakeups
+from ._waiting import Backoff, Heartbeats, Wakeups
 
 
 class TurnDurations:
@@ -66,8 +66,7 @@ class LaneGrant:
         self._lanes = lanes
         self._lease = lease
         self._released = False
-        stale_ms = lanes.stale_ms
-        self._heartbeat = Heartbeat(lease.renew, stale_ms / 3000, self._mark_lost)
+        self._beating = lanes.heartbeats.add(self, lease.renew, self._mark_lost)
 
     def _mark_lost(self) -> None:
         self.lost = True
@@ -81,7 +80,7 @@ class LaneGrant:
         if self._released:
             return
         self._released = True
-        self._heartbeat.stop()
+        Heartbeats.discard(self._beating, self)
         await self._lanes._finish(self, self._lease)
 
     async def __aenter__(self) -> LaneGrant:
@@ -104,6 +103,7 @@ class Lanes:
         self._held: dict[str, LaneGrant] = {}  # sessions whose turn runs in this process
         self._wakeups = Wakeups()
         self.durations = TurnDurations()
+        self.heartbeats = Heartbeats(self.stale_ms / 3000)  # one timer renews every lane held here
 
     async def acquire(self, session_id: str, *, max_wait_ms: int | None = None) -> LaneGrant:
         """The session's lane; raises SessionBusy (or QueueFull in queue mode) when not had in time."""
@@ -111,6 +111,9 @@ class Lanes:
         if self._settings.mode == "queue":
             wait_ms = self._settings.queue_wait_ms if max_wait_ms is None else max_wait_ms
             return await self._acquire_queued(session_id, asked_at, asked_at + wait_ms / 1000)
+        grant = await self._try(session_id, asked_at)  # the common case: free at once
+        if grant is not None:
+            return grant
         wait_ms = self._settings.max_wait_ms if max_wait_ms is None else max_wait_ms
         return await self._acquire_direct(session_id, asked_at, asked_at + wait_ms / 1000)
 
@@ -137,13 +140,13 @@ class Lanes:
         return True
 
     async def _acquire_direct(self, session_id: str, asked_at: float, deadline: float) -> LaneGrant:
+        """Wait and retry after a first try found the lane taken."""
         backoff = Backoff()
-        while True:
+        while await self._wait(session_id, deadline, backoff):
             grant = await self._try(session_id, asked_at)
             if grant is not None:
                 return grant
-            if not await self._wait(session_id, deadline, backoff):
-                raise await self._busy(session_id)
+        raise await self._busy(session_id)
 
     async def _acquire_queued(self, session_id: str, asked_at: float, deadline: float) -> LaneGrant:
         cap = self._settings.queue_cap

@@ -14,9 +14,11 @@ no-store``, so no cache keeps a transient refusal.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses for strings
 from typing import Any
 
 from starlette.responses import Response
@@ -30,6 +32,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "tag:sessiongate,2026:problems/"
 # What a browser client must be able to read from a contention answer (for CORS ``expose_headers``).
 EXPOSED_HEADERS = ("Retry-After", "RateLimit", "RateLimit-Policy", "Idempotent-Replayed")
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per answer as json.dumps(separators=...)
 
 
 @dataclass(frozen=True)
@@ -51,21 +54,45 @@ def problem_status(error: SessionGateError, settings: Settings) -> int:
 
 def problem_body(error: SessionGateError, status: int) -> dict[str, Any]:
     """The RFC 9457 members of ``error``, plus the extension members of its type."""
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + error.problem_type,
-        "title": error.title,
-        "status": status,
-        "detail": error.detail,
-    }
+    return {"type": PROBLEM_TYPE_BASE + error.problem_type, "title": error.title, "status": status,
+            **_variable_members(error)}
+
+
+def _variable_members(error: SessionGateError) -> dict[str, Any]:
+    """The members that change from answer to answer (all but type, title and status)."""
+    members: dict[str, Any] = {"detail": error.detail}
     if error.session_id is not None:
-        body["sessionId"] = error.session_id
+        members["sessionId"] = error.session_id
     if isinstance(error, RetryableError):
-        body["retryAfterMs"] = error.retry_after_ms
+        members["retryAfterMs"] = error.retry_after_ms
     if isinstance(error, RateLimited):
-        body.update(policy=error.policy, limit=error.limit, remaining=error.remaining, windowSeconds=error.window_s)
+        members.update(policy=error.policy, limit=error.limit, remaining=error.remaining, windowSeconds=error.window_s)
     if isinstance(error, QueueFull):
-        body["queueCap"] = error.queue_cap
-    return body
+        members["queueCap"] = error.queue_cap
+    return members
+
+
+@functools.lru_cache(maxsize=256)
+def _body_head(problem_type: str, title: str, status: int) -> str:
+    """``{"type":…,"title":…,"status":…`` of one kind of answer, encoded once (no closing brace)."""
+    return _COMPACT_JSON.encode({"type": PROBLEM_TYPE_BASE + problem_type, "title": title, "status": status})[:-1]
+
+
+def _json_member(name: str, value: Any) -> str:
+    kind = type(value)  # strings and integers (almost every member) skip the encoder's set-up
+    if kind is str:
+        encoded = _json_string(value)
+    elif kind is int:
+        encoded = int.__repr__(value)
+    else:
+        encoded = _COMPACT_JSON.encode(value)
+    return f",{_json_string(name)}:{encoded}"
+
+
+def problem_json(error: SessionGateError, status: int) -> bytes:
+    """:func:`problem_body` as compact JSON: the constant head is cached, only the rest is encoded."""
+    members = "".join([_json_member(name, value) for name, value in _variable_members(error).items()])
+    return f"{_body_head(error.problem_type, error.title, status)}{members}}}".encode()
 
 
 def problem_headers(error: SessionGateError) -> list[tuple[str, str]]:
@@ -96,7 +123,7 @@ def ratelimit_fields(error: RateLimited) -> list[tuple[str, str]]:
 def render_problem(error: SessionGateError, status: int | None = None) -> RenderedProblem:
     """Status, headers and JSON body of the answer for ``error`` (``status`` overrides the default)."""
     status = status or error.default_status
-    body = json.dumps(problem_body(error, status), separators=(",", ":")).encode()
+    body = problem_json(error, status)
     headers = [("Content-Type", PROBLEM_CONTENT_TYPE), *problem_headers(error)]
     return RenderedProblem(status, headers, body)
 
@@ -112,10 +139,16 @@ def problem_response(error: SessionGateError, status: int | None = None) -> Resp
     )
 
 
+@functools.cache
+def _raw_name(name: str) -> bytes:
+    """A header name as raw ASGI wants it (lowercase bytes), encoded once per name."""
+    return name.lower().encode("latin-1")
+
+
 async def send_problem(send: Send, error: SessionGateError, status: int | None = None) -> None:
     """Answer ``error`` on a raw ASGI ``send`` (the response must not have started)."""
     problem = render_problem(error, status)
-    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in problem.headers]
-    headers.append((b"content-length", str(len(problem.body)).encode()))
+    headers = [(_raw_name(name), value.encode("latin-1")) for name, value in problem.headers]
+    headers.append((b"content-length", b"%d" % len(problem.body)))
     await send({"type": "http.response.start", "status": problem.status, "headers": headers})
     await send({"type": "http.response.body", "body": problem.body, "more_body": False})

@@ -4,15 +4,19 @@
 them from the settings and turns a spent quota into :class:`RateLimited`
 (with what the RateLimit header fields need).
 
-Strategy: the *sliding window counter*. It keeps two counters per key (this
-window and the previous one) whatever the quota, so the time and memory a
-hit costs do not grow with the quota or the traffic, and weighting the
-previous window removes the fixed window's double burst at window edges.
-The moving window is exact but keeps one timestamp per counted request:
-with a generous quota (a shared proxy's ``perSender``) each hit shifts a list
-of thousands of entries (measured in ``tests/bench/bench_gate.py``'s
-in-process row: 102 against 82 µs per request at 20 000 hits a minute). The price is an approximate count; its
-``Retry-After`` (the next window edge) is still enough for one more request.
+Strategy: the *fixed window*, as slowapi and flask-limiter use by default.
+It is the cheapest ``limits`` strategy on every storage (one counter per key:
+on the in-process storage a hit costs about half the sliding window counter's
+time; on Redis one small script over one key instead of two), and its
+memory does not grow with the quota or the traffic, unlike the moving window
+(one timestamp per counted request, so a generous ``perSender`` quota for a
+shared proxy keeps and copies lists of thousands of entries). Its price: a
+client may spend one quota at the end of a window and the next at the start
+of the following one (up to twice the quota within a short span), while the
+average over any longer period stays within the quota. These limits guard a
+gateway against floods, where that is enough; ``Retry-After`` (the window's
+end) is always enough for one more request. Measurements and the comparison
+are in ``docs/gate.md`` ("Rate limits").
 
 Storage follows ``backend.url``. With ``file://`` and ``memory://`` each
 process counts alone, in memory, with ``limits``' *synchronous* memory
@@ -33,10 +37,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from limits import RateLimitItem, WindowStats, parse_many
-from limits.aio.strategies import SlidingWindowCounterRateLimiter as AsyncSlidingWindowCounterRateLimiter
+from limits.aio.strategies import FixedWindowRateLimiter as AsyncFixedWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, storage_from_string
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.strategies import FixedWindowRateLimiter
 
 from ._config import Settings
 from ._errors import BackendUnavailable, RateLimited
@@ -56,11 +60,11 @@ def is_shared(settings: Settings) -> bool:
 
 
 class _InProcessCounter:
-    """``limits``' synchronous memory storage and moving window, awaited like the Redis one."""
+    """``limits``' synchronous memory storage and fixed window, awaited like the Redis one."""
 
     def __init__(self) -> None:
         self._storage = MemoryStorage()
-        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
+        self._limiter = FixedWindowRateLimiter(self._storage)
 
     async def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
         return self._limiter.hit(item, *identifiers)
@@ -76,7 +80,7 @@ class _InProcessCounter:
 
 
 class _SharedCounter:
-    """``limits``' async Redis storage (redis-py) and moving window; errors are :class:`BackendUnavailable`."""
+    """``limits``' async Redis storage (redis-py) and fixed window; errors are :class:`BackendUnavailable`."""
 
     def __init__(self, settings: Settings) -> None:
         from ._redis import CONNECTION_OPTIONS  # short timeouts + one reconnect: survives a Redis restart
@@ -88,7 +92,7 @@ class _SharedCounter:
             wrap_exceptions=True,
             **CONNECTION_OPTIONS,
         )
-        self._limiter = AsyncSlidingWindowCounterRateLimiter(self._storage)
+        self._limiter = AsyncFixedWindowRateLimiter(self._storage)
 
     async def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
         with _unavailable_on_storage_error():

@@ -4,8 +4,9 @@ Storages only offer non-blocking attempts, so every wait is a loop of tries.
 Waiters in this process are woken at once when a local holder lets go
 (:class:`Wakeups`); holders in other processes are noticed by polling with a
 capped exponential backoff (:class:`Backoff`). A held lease shows life through
-a :class:`Heartbeat` timer on the event loop, so a stalled loop stops beating
-and its lease goes stale, as the contract wants.
+a timer on the event loop (:class:`Heartbeat` for one lease, :class:`Heartbeats`
+for many leases on one timer), so a stalled loop stops beating and its lease
+goes stale, as the contract wants.
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ class Wakeups:
             waiting.event.set()
 
 
+async def _renewed(renew: Callable[[], Awaitable[bool]]) -> bool:
+    """One beat: ``False`` only when the lease was taken over; a failing storage is logged and counts as alive."""
+    try:
+        return await renew()
+    except Exception:  # the storage is unreachable: we cannot know, try again later
+        logger.warning("lease heartbeat failed; retrying", exc_info=True)
+        return True
+
+
 class Heartbeat:
     """Calls ``renew`` every ``interval`` seconds on the running loop until stopped.
 
@@ -96,11 +106,7 @@ class Heartbeat:
         self._task = self._loop.create_task(self._beat())
 
     async def _beat(self) -> None:
-        try:
-            alive = await self._renew()
-        except Exception:  # the storage is unreachable: we cannot know, try again later
-            logger.warning("lease heartbeat failed; retrying", exc_info=True)
-            alive = True
+        alive = await _renewed(self._renew)
         if not alive:
             self._on_lost()
         elif self._task is not None:  # not stopped meanwhile
@@ -113,3 +119,55 @@ class Heartbeat:
         task, self._task = self._task, None
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
+
+
+Beating = dict[object, tuple[Callable[[], Awaitable[bool]], Callable[[], None]]]
+
+
+class Heartbeats:
+    """Renews every added lease each ``interval`` seconds, on one timer per event loop.
+
+    For leases taken and given back many times a second (lanes): adding and
+    discarding one is a dict operation, not a timer handle scheduled and
+    cancelled per grant. A lease added between two beats is renewed at the
+    next one, so no lease goes longer than ``interval`` without a renewal.
+    The timer stops once a beat finds nothing to renew. ``renew`` returning
+    ``False`` (taken over) calls ``on_lost`` and drops the lease.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._by_loop: dict[asyncio.AbstractEventLoop, Beating] = {}
+        self._running: set[asyncio.Task[None]] = set()  # beats in progress (the loop keeps only weak references)
+
+    def add(self, key: object, renew: Callable[[], Awaitable[bool]], on_lost: Callable[[], None]) -> Beating:
+        """Start renewing ``key``'s lease; returns the set to :meth:`discard` it from later."""
+        loop = asyncio.get_running_loop()
+        beating = self._by_loop.get(loop)
+        if beating is None:
+            beating = self._by_loop[loop] = {}
+            loop.call_later(self._interval, self._fire, loop)
+        beating[key] = (renew, on_lost)
+        return beating
+
+    @staticmethod
+    def discard(beating: Beating, key: object) -> None:
+        beating.pop(key, None)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        beating = self._by_loop[loop]
+        if not beating:
+            del self._by_loop[loop]
+            return
+        task = loop.create_task(self._beat(loop, beating))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _beat(self, loop: asyncio.AbstractEventLoop, beating: Beating) -> None:
+        members = list(beating.items())
+        results = await asyncio.gather(*(_renewed(renew) for _, (renew, _) in members))
+        for (key, entry), alive in zip(members, results):
+            if not alive and beating.get(key) is entry:  # still held: it was taken over
+                del beating[key]
+                entry[1]()
+        loop.call_later(self._interval, self._fire, loop)

@@ -152,3 +152,26 @@ async def test_heartbeat_keeps_a_long_turn(tmp_path: Path, storage_url: str) -> 
         assert not grant.lost
     for backend in (here, elsewhere):
         await backend.aclose()
+
+
+async def test_one_heartbeat_timer_keeps_every_lane_of_a_process(tmp_path: Path, storage_url: str) -> None:
+    settings = settings_for(tmp_path, storage_url, sessionWriteLock={"staleMs": 300})
+    here, elsewhere = sibling_backends(settings)
+    kept = []
+    for session in ("a", "b", "c"):  # granted at different points between two beats
+        kept.append(await here.acquire_lane(session))
+        await asyncio.sleep(0.04)
+    released = await here.acquire_lane("d")
+    await released.release()
+    for _ in range(2):
+        await asyncio.sleep(0.45)  # one and a half staleMs: only heartbeats keep the leases
+        for grant in kept:
+            with pytest.raises(SessionBusy):
+                await elsewhere.acquire_lane(grant.session_id)
+        await kept.pop().release()  # the others keep beating
+    assert not any(grant.lost for grant in [*kept, released])
+    await kept[0].release()
+    async with await elsewhere.acquire_lane("d"):
+        pass  # a released lane is free, and nothing renews it
+    for backend in (here, elsewhere):
+        await backend.aclose()

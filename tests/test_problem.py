@@ -21,7 +21,15 @@ from middleware._errors import (
     SessionGateError,
     Unauthorized,
 )
-from middleware._problem import problem_response, problem_status, render_problem, retry_after_seconds, send_problem
+from middleware._problem import (
+    problem_body,
+    problem_json,
+    problem_response,
+    problem_status,
+    render_problem,
+    retry_after_seconds,
+    send_problem,
+)
 
 RATE_LIMITED = RateLimited(
     "perSession quota spent", retry_after_ms=12_345, limit=30, remaining=0, window_s=60, policy="perSession",
@@ -118,3 +126,15 @@ async def test_starlette_response_and_raw_asgi_send_the_same_answer() -> None:
     assert raw[0]["status"] == via_starlette[0]["status"] == 429
     assert sorted(raw[0]["headers"]) == sorted(via_starlette[0]["headers"])
     assert raw[1]["body"] == via_starlette[1]["body"]
+
+
+@pytest.mark.parametrize(("error", "name", "status", "retryable"), CASES)
+def test_the_fast_body_encoding_is_exactly_json_dumps(
+    error: SessionGateError, name: str, status: int, retryable: bool
+) -> None:
+    """The cached-head encoder of the busy path writes byte for byte what json.dumps writes."""
+    for answer_status in (status, 503):
+        body = problem_body(error, answer_status)
+        assert problem_json(error, answer_status) == json.dumps(body, separators=(",", ":")).encode()
+    tricky = SessionBusy('quote " backslash \\ tab \t unicode é ☃', retry_after_ms=7, session_id="a:b@c")
+    assert problem_json(tricky, 409) == json.dumps(problem_body(tricky, 409), separators=(",", ":")).encode()

@@ -156,12 +156,18 @@ def servers(specs: dict[str, tuple[str, dict[str, str]]]) -> Iterator[dict[str, 
             server.stop()
 
 
-def gate_env(data_dir: Path, *, backend: str = "file://", **settings: object) -> dict[str, str]:
-    """SessionGate settings for a bench server, through the contract's environment overrides."""
+def gate_env(
+    data_dir: Path, *, backend: str = "file://", per_session: str = HIGH_QUOTA, **settings: object
+) -> dict[str, str]:
+    """SessionGate settings for a bench server, through the contract's environment overrides.
+
+    ``perSender`` is always on (slowapi's one limit is per client address too);
+    ``per_session=""`` leaves ``perSession`` off, for a like-for-like row against slowapi.
+    """
     env = {
         "SESSIONGATE_DATA_DIR": str(data_dir),
         "SESSIONGATE_BACKEND__URL": backend,
-        "SESSIONGATE_RATE_LIMITS__PER_SESSION": HIGH_QUOTA,
+        "SESSIONGATE_RATE_LIMITS__PER_SESSION": per_session,
         "SESSIONGATE_RATE_LIMITS__PER_SENDER": HIGH_QUOTA,
     }
     env.update({f"SESSIONGATE_{key.upper()}": str(value) for key, value in settings.items()})
@@ -278,13 +284,18 @@ def bench_busy_latency(tmp: Path, quick: bool) -> list[dict]:
     return rows
 
 
+GATE_VARIANTS = {  # label -> (backend, perSession quota); perSender is always on
+    "file backend, both rate limits": ("file://", HIGH_QUOTA),
+    "memory backend, both rate limits": ("memory://", HIGH_QUOTA),
+    "file backend, one rate limit (perSender, as slowapi)": ("file://", ""),
+    "memory backend, one rate limit (perSender, as slowapi)": ("memory://", ""),
+}
+
+
 def bench_overhead(tmp: Path, quick: bool) -> list[dict]:
-    specs = {
-        "bare": ("bare", {}),
-        "gate (file backend)": ("gate", gate_env(tmp / "overhead-file")),
-        "gate (memory backend)": ("gate", gate_env(tmp / "overhead-memory", backend="memory://")),
-        "slowapi": ("slowapi", {}),
-    }
+    specs = {"bare": ("bare", {}), "slowapi": ("slowapi", {})}
+    for number, (label, (backend, per_session)) in enumerate(GATE_VARIANTS.items()):
+        specs[label] = ("gate", gate_env(tmp / f"overhead-{number}", backend=backend, per_session=per_session))
     rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in specs}
     with servers(specs) as running:
         for _ in range(3 if quick else 7):  # short interleaved rounds, so a noisy neighbour hits every variant
@@ -294,17 +305,18 @@ def bench_overhead(tmp: Path, quick: bool) -> list[dict]:
             for name, runs in rounds.items()}
     bare, slowapi = best["bare"][1], best["slowapi"][1]
     rows = []
-    for name in ("gate (file backend)", "gate (memory backend)"):
+    for name in GATE_VARIANTS:
         capacity = best[name][1]
-        rows.append(_row(f"trivial endpoint behind SessionGate, {name[6:-1]}", capacity, "req/CPU-s",
+        rows.append(_row(f"trivial endpoint behind SessionGate, {name}", capacity, "req/CPU-s",
                          "bare Starlette", bare, capacity / bare, "≥ 0.9 of bare", capacity / bare >= 0.9))
-        rows.append(_row(f"SessionGate ({name[6:-1]}) vs slowapi ASGI middleware", capacity, "req/CPU-s",
+        rows.append(_row(f"SessionGate ({name}) vs slowapi ASGI middleware (one limit)", capacity, "req/CPU-s",
                          "slowapi", slowapi, capacity / slowapi, "> 1 (cheaper than slowapi)",
                          capacity > slowapi))
     rows.append(_row("trivial endpoint behind slowapi ASGI middleware", slowapi, "req/CPU-s",
                      "bare Starlette", bare, slowapi / bare, None, None))
-    gate_wall, bare_wall = best["gate (file backend)"][0], best["bare"][0]
-    rows.append(_row("wall-clock req/s, SessionGate file backend (16 clients, client-bound)", gate_wall, "req/s",
+    gate_wall, bare_wall = best["file backend, both rate limits"][0], best["bare"][0]
+    rows.append(_row("wall-clock req/s, SessionGate file backend, both rate limits (16 clients, client-bound)",
+                     gate_wall, "req/s",
                      "bare Starlette", bare_wall, gate_wall / bare_wall, None, None))
     return rows
 
@@ -367,17 +379,19 @@ def bench_gate_cost(tmp: Path, quick: bool) -> list[dict]:
         return best
 
     requests = 5_000 if quick else 20_000
-    variants = {
-        "admitted, memory backend, rate limits off": ("memory://", None, False),
-        "admitted, memory backend, both rate limits on": ("memory://", HIGH_QUOTA, False),
-        "admitted, file backend, both rate limits on": ("file://", HIGH_QUOTA, False),
-        "busy answer (409), file backend, both rate limits on": ("file://", HIGH_QUOTA, True),
+    variants = {  # label -> (backend, perSession, perSender, busy)
+        "admitted, memory backend, rate limits off": ("memory://", None, None, False),
+        "admitted, memory backend, one rate limit (perSender)": ("memory://", None, HIGH_QUOTA, False),
+        "admitted, memory backend, both rate limits on": ("memory://", HIGH_QUOTA, HIGH_QUOTA, False),
+        "admitted, file backend, rate limits off": ("file://", None, None, False),
+        "admitted, file backend, both rate limits on": ("file://", HIGH_QUOTA, HIGH_QUOTA, False),
+        "busy answer (409), file backend, both rate limits on": ("file://", HIGH_QUOTA, HIGH_QUOTA, True),
     }
     rows = []
-    for name, (backend, quota, busy) in variants.items():
+    for name, (backend, per_session, per_sender, busy) in variants.items():
         settings = Settings.load(env={}, overrides={
             "dataDir": str(tmp / "cost"), "backend": {"url": backend},
-            "rateLimits": {"perSession": quota, "perSender": quota}})
+            "rateLimits": {"perSession": per_session, "perSender": per_sender}})
         gate = SessionGate(trivial, settings=settings, session_key=_session_of)
         cost = asyncio.run(per_request_us(gate, requests, busy=busy))
         rows.append(_row(f"gate CPU per request, in process: {name}", cost, "µs", None, None, None, None, None))
