@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -21,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import serve_gateway
-from tests.support import UvicornThread
-from tests.test_gateway_api import PROBLEM, assert_problem, messages_url
+from tests.support import PROBLEM, UvicornThread, assert_problem, messages_url
 
 TWO_MIB = 2 * 1024 * 1024
 

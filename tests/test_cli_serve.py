@@ -20,8 +20,7 @@ import httpx
 import pytest
 
 from app.cli import with_default_command
-from tests.support import REPO_ROOT, GatewayProcess, free_port
-from tests.test_gateway_api import messages_url
+from tests.support import REPO_ROOT, GatewayProcess, free_port, messages_url
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

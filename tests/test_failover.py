@@ -20,8 +20,7 @@ from middleware import open_backend
 from middleware._storage import LeaseKind
 from tests.fakes import gateway_settings, serve_gateway
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import free_port
-from tests.test_gateway_api import assert_problem, messages_url, wait_for
+from tests.support import assert_problem, free_port, messages_url, wait_for
 
 
 def refused_provider(provider_id: str) -> dict:

@@ -182,7 +182,7 @@ async def test_second_message_on_a_busy_session_gets_a_fast_409(
             await until(lambda: len(endpoints.calls) == 1, what="first turn started")
             busy = await client.post("/s/s1/turn", json={"text": "second"})
             assert not first.done(), "the busy answer came while the first turn was still running"
-            body = assert_problem(busy, "session-busy", 409, session_id="s1")
+            assert_problem(busy, "session-busy", 409, session_id="s1")
             assert_retryable(busy)
             assert (await first).status_code == 200
     assert len(endpoints.calls) == 1

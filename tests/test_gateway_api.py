@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -22,24 +21,8 @@ import pytest
 from app._server import create_app
 from middleware._problem import PROBLEM_TYPE_BASE
 from tests.fakes import gateway_settings, serve_gateway
+from tests.support import assert_problem, messages_url, wait_for
 from tests.fakes.openai_server import FakeOpenAI
-
-PROBLEM = "application/problem+json"
-
-
-def messages_url(base: str, session_id: str) -> str:
-    return f"{base}/v1/sessions/{session_id}/messages"
-
-
-def assert_problem(response: httpx.Response, status: int, name: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert body["type"] == PROBLEM_TYPE_BASE + name
-    assert body["status"] == status
-    assert body["title"] and body["detail"]
-    return body
-
 
 def test_post_then_get_the_transcript(tmp_path: Path) -> None:
     with serve_gateway(tmp_path / "data") as server, httpx.Client(timeout=10) as client:
@@ -48,7 +31,7 @@ def test_post_then_get_the_transcript(tmp_path: Path) -> None:
         transcript = client.get(messages_url(server.url, "chat-1"))
         empty = client.get(messages_url(server.url, "never-used"))
 
-    assert first.status_code == 200, first.text
+    assert first.status_code == second.status_code == 200, second.text
     body = first.json()
     assert body["sessionId"] == "chat-1"
     assert body["reply"] == {"id": body["reply"]["id"], "text": "hello", "provider": "echo"}
@@ -86,13 +69,6 @@ async def test_concurrent_messages_on_one_session_one_runs_one_gets_fast_409(tmp
     assert answered_during_turn
     assert fake.calls == 1
     assert [m["text"] for m in transcript] == ["first", "slow: first"]
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.anyio

@@ -25,8 +25,7 @@ import redis
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_api import FakeTelegramApi
-from tests.support import GatewayProcess, UvicornThread
-from tests.test_gateway_api import assert_problem, messages_url, wait_for
+from tests.support import GatewayProcess, UvicornThread, assert_problem, messages_url, wait_for
 from tests.test_telegram import BOT_TOKEN, SECRET, SECRET_HEADER, update
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]

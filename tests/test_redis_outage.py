@@ -18,8 +18,7 @@ import pytest
 import redis
 
 from tests.fakes.telegram_api import FakeTelegramApi
-from tests.support import GatewayProcess, UvicornThread, free_port, wait_until
-from tests.test_gateway_api import assert_problem, messages_url, wait_for
+from tests.support import GatewayProcess, UvicornThread, assert_problem, free_port, messages_url, wait_for, wait_until
 from tests.test_redis_gateways import deliver_like_telegram
 from tests.test_telegram import BOT_TOKEN, SECRET, SECRET_HEADER, update
 

@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import GatewayProcess
-from tests.test_gateway_api import assert_problem, messages_url, wait_for
+from tests.support import GatewayProcess, assert_problem, messages_url, wait_for
 
 
 @pytest.mark.anyio

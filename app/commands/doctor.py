@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import enum
 import os
-import sys
 import tempfile
 import time
 from collections import Counter

@@ -5,6 +5,7 @@ Everything binds to 127.0.0.1 on a free port and is bounded in time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,8 +21,36 @@ from typing import Any
 import httpx
 import uvicorn
 
+from middleware._problem import PROBLEM_TYPE_BASE
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+PROBLEM = "application/problem+json"
+
+
+def messages_url(base: str, session_id: str) -> str:
+    return f"{base}/v1/sessions/{session_id}/messages"
+
+
+def assert_problem(response: httpx.Response, status: int, name: str) -> dict:
+    """Assert an RFC 9457 answer of the contract's type ``name``; return its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body = response.json()
+    assert body["type"] == PROBLEM_TYPE_BASE + name
+    assert body["status"] == status
+    assert body["title"] and body["detail"]
+    return body
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    """The asyncio twin of :func:`wait_until`: poll ``predicate`` without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:
