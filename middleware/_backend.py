@@ -9,15 +9,12 @@ transcript write locks (bounded wait). Callers never touch storages directly.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from ._config import Settings
 from ._lanes import LaneGrant, Lanes
 from ._storage import LeaseStorage, RecordStorage
 from ._write_lock import WriteLockHold, WriteLocks
-
-StorageFactory = Callable[[Settings], LeaseStorage]
 
 _STORAGES: dict[str, str] = {
     "memory": "middleware._memory:MemoryStorage",

@@ -356,14 +356,11 @@ class FileStorage(LeaseStorage):
         self, fd: int, path: str, st: os.stat_result, kind: LeaseKind, session_id: str
     ) -> _FileLease:
         fence = _bump_counter(f"{self._base(session_id)}.fence") if kind is LeaseKind.LANE else 0
-        since = time.time()
-        metadata = self._holder_json(session_id, kind, since, fence)
+        holder = Holder.for_this_process(session_id, kind, fence)
+        metadata = self._holder_json(session_id, kind, holder.since, fence)
         os.pwrite(fd, metadata, 0)
         if st.st_size > len(metadata):
             os.ftruncate(fd, len(metadata))
-        holder = Holder(
-            session_id, kind, os.getpid(), THIS_HOST, _this_process_started_at(), since, since, fence
-        )
         return _FileLease(fd, path, st.st_ino, holder)
 
     def _break_if_stale(self, fd: int, path: str, stale_ms: int) -> HolderState | None:

@@ -28,7 +28,7 @@ from typing import Any
 from starlette.types import Scope
 
 from ._errors import IdempotencyInFlight, IdempotencyKeyReused, InvalidRequest
-from ._storage import THIS_HOST, RecordStorage, _this_process_started_at, process_alive
+from ._storage import THIS_HOST, RecordStorage, _this_process_started_at, owner_dead
 
 MAX_KEY_LENGTH = 255
 # An in-flight record expires after this long even if its owner never finishes (hung on another host).
@@ -148,7 +148,7 @@ class Idempotency:
 
     async def _reclaim_if_owner_dead(self, record_key: str, record: dict[str, Any]) -> bool:
         """Delete an in-flight record whose owner process died; one claimant wins the right to."""
-        if record.get("host") != THIS_HOST or process_alive(int(record["pid"]), record.get("processStartedAt")):
+        if not owner_dead(record.get("host"), int(record["pid"]), record.get("processStartedAt")):
             return False
         reclaim_key = f"{record_key}:reclaim:{record['owner']}"
         if not await self.records.add(reclaim_key, {"by": os.getpid()}, ttl_ms=self.in_flight_ttl_ms):

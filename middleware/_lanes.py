@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 from ._config import Settings
 from ._errors import QueueFull, SessionBusy
-from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TAKEOVERS, TURN_SECONDS
+from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TURN_SECONDS, count_takeover
 from ._storage import LeaseKind, LeaseStorage, StoredLease, Ticket
 from ._waiting import Backoff, Heartbeats, Wakeups
 
@@ -124,8 +124,7 @@ class Lanes:
         if lease is None:
             return None
         LANE_WAIT_SECONDS.observe(time.monotonic() - asked_at)
-        if lease.reclaimed is not None:
-            TAKEOVERS.labels(kind=LeaseKind.LANE.value, reason=lease.reclaimed.value).inc()
+        count_takeover(lease)
         grant = self._held[session_id] = LaneGrant(self, session_id, lease)
         return grant
 
@@ -166,7 +165,7 @@ class Lanes:
     async def _wait_in_queue(self, ticket: Ticket, asked_at: float, deadline: float) -> LaneGrant:
         session_id = ticket.session_id
         backoff = Backoff()
-        renew_every = self.stale_ms / 3000
+        renew_every = self.heartbeats.interval
         renew_at = time.monotonic() + renew_every
         while True:
             position = await self._storage.queue_position(ticket, stale_ms=self.stale_ms)

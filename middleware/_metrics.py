@@ -8,7 +8,12 @@ same objects write to per-process files that ``/metrics`` aggregates.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from ._storage import StoredLease
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _SLOW = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -37,3 +42,9 @@ TAKEOVERS = Counter(
 FENCING_REFUSALS = Counter(
     "sessiongate_fencing_refusals_total", "Transcript writes refused for an outdated fencing token"
 )
+
+
+def count_takeover(lease: StoredLease) -> None:
+    """Count a grant that reclaimed a dead or stale holder (the storage set ``lease.reclaimed``)."""
+    if lease.reclaimed is not None:
+        TAKEOVERS.labels(kind=lease.holder.kind.value, reason=lease.reclaimed.value).inc()

@@ -42,6 +42,7 @@ from limits.errors import StorageError
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
+from ._backend import storage_scheme
 from ._config import Settings
 from ._errors import BackendUnavailable, RateLimited
 
@@ -56,7 +57,7 @@ class Policy:
 
 def is_shared(settings: Settings) -> bool:
     """Whether counts live in Redis (shared by every process) rather than in this process."""
-    return settings.backend.url.startswith(("redis://", "rediss://"))
+    return storage_scheme(settings.backend.url) in ("redis", "rediss")
 
 
 class _InProcessCounter:

@@ -52,7 +52,7 @@ class Holder:
 
     def state(self, stale_ms: int, *, now: float | None = None) -> HolderState:
         """Live, dead (same host, process gone or pid reused) or stale (silent for ``stale_ms``)."""
-        if self.host == THIS_HOST and not process_alive(self.pid, self.process_started_at):
+        if owner_dead(self.host, self.pid, self.process_started_at):
             return HolderState.DEAD_PID
         now = time.time() if now is None else now
         if (now - self.heartbeat_at) * 1000 >= stale_ms:
@@ -115,6 +115,11 @@ def _process_started_at(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
+
+
+def owner_dead(host: str | None, pid: int, started_at: float | None) -> bool:
+    """Whether a record's owner ran on this host and its process is gone (or its pid reused)."""
+    return host == THIS_HOST and not process_alive(pid, started_at)
 
 
 def process_alive(pid: int, started_at: float | None) -> bool:

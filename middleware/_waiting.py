@@ -4,9 +4,8 @@ Storages only offer non-blocking attempts, so every wait is a loop of tries.
 Waiters in this process are woken at once when a local holder lets go
 (:class:`Wakeups`); holders in other processes are noticed by polling with a
 capped exponential backoff (:class:`Backoff`). A held lease shows life through
-a timer on the event loop (:class:`Heartbeat` for one lease, :class:`Heartbeats`
-for many leases on one timer), so a stalled loop stops beating and its lease
-goes stale, as the contract wants.
+one timer per event loop (:class:`Heartbeats`), so a stalled loop stops
+beating and its leases go stale, as the contract wants.
 """
 
 from __future__ import annotations
@@ -79,55 +78,13 @@ async def _renewed(renew: Callable[[], Awaitable[bool]]) -> bool:
         return True
 
 
-class Heartbeat:
-    """Calls ``renew`` every ``interval`` seconds on the running loop until stopped.
-
-    A timer rather than a task per lease, so a short hold costs one timer
-    handle. ``renew`` returning ``False`` means the lease was taken over:
-    ``on_lost`` is called and the beating stops. A failing ``renew`` (storage
-    unreachable) is logged and retried at the next beat.
-    """
-
-    def __init__(
-        self,
-        renew: Callable[[], Awaitable[bool]],
-        interval: float,
-        on_lost: Callable[[], None],
-    ) -> None:
-        self._renew = renew
-        self._interval = interval
-        self._on_lost = on_lost
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval, self._fire)
-        self._task: asyncio.Task[None] | None = None
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._task = self._loop.create_task(self._beat())
-
-    async def _beat(self) -> None:
-        alive = await _renewed(self._renew)
-        if not alive:
-            self._on_lost()
-        elif self._task is not None:  # not stopped meanwhile
-            self._timer = self._loop.call_later(self._interval, self._fire)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        task, self._task = self._task, None
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
-
-
 Beating = dict[object, tuple[Callable[[], Awaitable[bool]], Callable[[], None]]]
 
 
 class Heartbeats:
     """Renews every added lease each ``interval`` seconds, on one timer per event loop.
 
-    For leases taken and given back many times a second (lanes): adding and
+    For leases taken and given back many times a second (lanes, write locks): adding and
     discarding one is a dict operation, not a timer handle scheduled and
     cancelled per grant. A lease added between two beats is renewed at the
     next one, so no lease goes longer than ``interval`` without a renewal.
@@ -136,7 +93,7 @@ class Heartbeats:
     """
 
     def __init__(self, interval: float) -> None:
-        self._interval = interval
+        self.interval = interval
         self._by_loop: dict[asyncio.AbstractEventLoop, Beating] = {}
         self._running: set[asyncio.Task[None]] = set()  # beats in progress (the loop keeps only weak references)
 
@@ -146,7 +103,7 @@ class Heartbeats:
         beating = self._by_loop.get(loop)
         if beating is None:
             beating = self._by_loop[loop] = {}
-            loop.call_later(self._interval, self._fire, loop)
+            loop.call_later(self.interval, self._fire, loop)
         beating[key] = (renew, on_lost)
         return beating
 
@@ -170,4 +127,4 @@ class Heartbeats:
             if not alive and beating.get(key) is entry:  # still held: it was taken over
                 del beating[key]
                 entry[1]()
-        loop.call_later(self._interval, self._fire, loop)
+        loop.call_later(self.interval, self._fire, loop)

@@ -15,9 +15,9 @@ import time
 
 from ._config import Settings
 from ._errors import LockTimeout
-from ._metrics import TAKEOVERS, WRITE_LOCK_HOLD_SECONDS, WRITE_LOCK_WAIT_SECONDS
+from ._metrics import WRITE_LOCK_HOLD_SECONDS, WRITE_LOCK_WAIT_SECONDS, count_takeover
 from ._storage import LeaseKind, LeaseStorage, StoredLease
-from ._waiting import Backoff, Heartbeat
+from ._waiting import Backoff, Beating, Heartbeats
 
 
 class _LocalQueue:
@@ -40,7 +40,7 @@ class WriteLockHold:
         self._locks = locks
         self._local: _LocalQueue | None = None
         self._lease: StoredLease | None = None
-        self._heartbeat: Heartbeat | None = None
+        self._beating: Beating | None = None
 
     def _mark_lost(self) -> None:
         self.lost = True
@@ -63,7 +63,7 @@ class WriteLockHold:
             raise
         self.acquired_at = time.monotonic()
         WRITE_LOCK_WAIT_SECONDS.observe(self.acquired_at - asked_at)
-        self._heartbeat = Heartbeat(self._lease.renew, locks.stale_ms / 3000, self._mark_lost)
+        self._beating = locks.heartbeats.add(self, self._lease.renew, self._mark_lost)
         return self
 
     async def _lock_locally(self, lock: asyncio.Lock, asked_at: float, deadline: float) -> None:
@@ -77,8 +77,8 @@ class WriteLockHold:
             raise self._locks._timeout(self.session_id, asked_at) from None
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._lease is not None and self._local is not None and self._heartbeat is not None
-        self._heartbeat.stop()
+        assert self._lease is not None and self._local is not None and self._beating is not None
+        Heartbeats.discard(self._beating, self)
         try:
             await self._lease.release()
         finally:
@@ -99,6 +99,7 @@ class WriteLocks:
         self.timeout_ms = settings.session_write_lock.timeout_ms
         self.stale_ms = settings.session_write_lock.stale_ms
         self._local: dict[str, _LocalQueue] = {}
+        self.heartbeats = Heartbeats(self.stale_ms / 3000)  # one timer renews every write lock held here
         self._expected_hold_ms = 5.0  # EWMA of hold times, for LockTimeout's retry_after_ms
 
     def hold(self, session_id: str) -> WriteLockHold:
@@ -121,8 +122,7 @@ class WriteLocks:
         while True:
             lease = await self._storage.try_acquire(LeaseKind.WRITE, session_id, stale_ms=self.stale_ms)
             if lease is not None:
-                if lease.reclaimed is not None:
-                    TAKEOVERS.labels(kind=LeaseKind.WRITE.value, reason=lease.reclaimed.value).inc()
+                count_takeover(lease)
                 return lease
             remaining = deadline - time.monotonic()
             if remaining <= 0:
