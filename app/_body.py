@@ -95,7 +95,7 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
     def too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"the request body is over the limit of {self.max_bytes} bytes (server.maxBodyBytes)")
+        return PayloadTooLarge.over_limit(self.max_bytes)
 
 
 def parse_message(body: bytes) -> MessageIn:

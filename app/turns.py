@@ -18,54 +18,40 @@ only the reply is appended, with ``replyTo``).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from middleware import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore
+from middleware._store import new_record_id, utc_now
 
 from .providers import ChatMessage, Failover
 
 Record = dict[str, Any]
 LOST_LANE_RETRY_AFTER_MS = 1_000
 
-
-def new_message_id() -> str:
-    return uuid.uuid4().hex
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC timestamp with milliseconds, e.g. ``2026-01-31T12:00:00.123Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def new_record(role: str, text: str, **fields: Any) -> Record:
     """A transcript record: ``id``, ``role``, ``text``, ``at`` plus the given fields that are not ``None``."""
-    record: Record = {"id": new_message_id(), "role": role, "text": text, "at": utc_now()}
+    record: Record = {"id": new_record_id(), "role": role, "text": text, "at": utc_now()}
     record.update({name: value for name, value in fields.items() if value is not None})
     return record
-
 
 def user_record(
     text: str,
     *,
     sender: str | None = None,
     channel: str | None = None,
-    external_id: str | None = None,
     idempotency_key: str | None = None,
 ) -> Record:
-    """The record of an inbound user message (``externalId`` e.g. ``telegram:<update_id>``).
+    """The record of a user message sent to the messages API.
 
     ``idempotencyKey`` is kept in the transcript so that a retry whose first
     attempt was appended by a process that died before answering finds its
     answer there (see :func:`answered_earlier`).
     """
     return new_record(
-        "user", text, sender=sender, channel=channel, externalId=external_id, idempotencyKey=idempotency_key
+        "user", text, sender=sender, channel=channel, idempotencyKey=idempotency_key
     )
-
 
 def answered_earlier(transcript: Sequence[Record], user: Record) -> tuple[Record, Record] | None:
     """The stored (user, reply) pair of an earlier attempt with the same ``idempotencyKey``, if any.
@@ -86,11 +72,9 @@ def answered_earlier(transcript: Sequence[Record], user: Record) -> tuple[Record
     reply = next((r for r in transcript if r.get("role") == "assistant" and r.get("replyTo") == earlier["id"]), None)
     return None if reply is None else (earlier, reply)
 
-
 def chat_messages(records: Sequence[Record]) -> list[ChatMessage]:
     """Transcript records as the model sees them (oldest first)."""
     return [{"role": r["role"], "content": r["text"]} for r in records if r.get("role") in ("user", "assistant")]
-
 
 def history_up_to(transcript: Sequence[Record], user: Record) -> list[Record]:
     """The transcript up to and including the stored ``user`` record (later messages get their own turns)."""
@@ -99,17 +83,14 @@ def history_up_to(transcript: Sequence[Record], user: Record) -> list[Record]:
             return list(transcript[: position + 1])
     raise ValueError(f"user record {user['id']!r} is not in the transcript (already_stored=True)")
 
-
 @dataclass(frozen=True)
 class TurnResult:
-    session_id: str
     user: Record
     reply: Record
 
     @property
     def provider(self) -> str:
         return self.reply["provider"]
-
 
 def ensure_lane_held(grant: LaneGrant) -> None:
     """Raise ``session-busy`` if the lane was taken over (this turn may no longer write)."""
@@ -120,7 +101,6 @@ def ensure_lane_held(grant: LaneGrant) -> None:
             session_id=grant.session_id,
         )
 
-
 class TurnRunner:
     """Runs turns against one transcript store and one provider list."""
 
@@ -129,7 +109,13 @@ class TurnRunner:
         self.providers = providers
 
     async def run_turn(
-        self, grant: LaneGrant, session_id: str, user: Record, *, already_stored: bool = False
+        self,
+        grant: LaneGrant,
+        session_id: str,
+        user: Record,
+        *,
+        already_stored: bool = False,
+        transcript: Sequence[Record] | None = None,
     ) -> TurnResult:
         """Read → model call (no lock) → append with ``grant.fence``; the caller holds ``grant`` throughout.
 
@@ -139,9 +125,10 @@ class TurnRunner:
         """
         if grant.session_id != session_id:
             raise ValueError(f"lane grant is for {grant.session_id!r}, not {session_id!r}")
-        transcript = await self.store.read(session_id)  # takes and releases the write lock
+        if transcript is None:  # a channel worker passes the transcript it read under this same lane
+            transcript = await self.store.read(session_id)  # takes and releases the write lock
         if not already_stored and (stored := answered_earlier(transcript, user)) is not None:
-            return TurnResult(session_id=session_id, user=stored[0], reply=stored[1])
+            return TurnResult(user=stored[0], reply=stored[1])
         history = history_up_to(transcript, user) if already_stored else [*transcript, user]
         ensure_lane_held(grant)
         completion = await self.providers.complete(chat_messages(history), session_id=session_id)
@@ -150,4 +137,4 @@ class TurnRunner:
             "assistant", completion.text, provider=completion.provider, replyTo=user["id"], channel=user.get("channel")
         )
         await self.store.append(session_id, [reply] if already_stored else [user, reply], fence=grant.fence)
-        return TurnResult(session_id=session_id, user=user, reply=reply)
+        return TurnResult(user=user, reply=reply)

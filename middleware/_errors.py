@@ -177,6 +177,10 @@ class PayloadTooLarge(SessionGateError):
     default_status = 413
     title = "Payload too large"
 
+    @classmethod
+    def over_limit(cls, max_bytes: int) -> PayloadTooLarge:
+        return cls(f"the request body is over the limit of {max_bytes} bytes (server.maxBodyBytes)")
+
 
 class Unauthorized(SessionGateError):
     """A bad or missing bearer token, webhook secret or signature."""

@@ -173,7 +173,7 @@ async def read_body(receive: Receive, *, max_bytes: int | None = None) -> bytes 
         chunk = message.get("body", b"")
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:
-            raise PayloadTooLarge(f"the request body is over the limit of {max_bytes} bytes (server.maxBodyBytes)")
+            raise PayloadTooLarge.over_limit(max_bytes)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -145,10 +145,19 @@ def _prepared(records: list[dict[str, Any]], fence: int | None) -> tuple[list[di
     return stored, b"".join(_encode(record) for record in stored)
 
 
+def new_record_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC timestamp with milliseconds, e.g. ``2026-01-31T12:00:00.123Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _completed(record: dict[str, Any], fence: int | None) -> dict[str, Any]:
     done = dict(record)
-    done.setdefault("id", uuid.uuid4().hex)
-    done.setdefault("at", datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    done.setdefault("id", new_record_id())
+    done.setdefault("at", utc_now())
     done["fence"] = fence
     return done
 

@@ -255,7 +255,7 @@ class ChannelWorker:
             transcript = await gateway.store.read(session_id)
             reply, user = await self._next_work(channel, session_id, transcript)
             if user is not None:
-                reply = await self._run_turn(session_id, user, grant)
+                reply = await self._run_turn(session_id, user, grant, transcript)
             if reply is None:
                 return user is not None
             await self._deliver(channel, session_id, reply)
@@ -263,11 +263,15 @@ class ChannelWorker:
         finally:
             await grant.release()
 
-    async def _run_turn(self, session_id: str, user: dict[str, Any], grant: LaneGrant) -> dict[str, Any] | None:
+    async def _run_turn(
+        self, session_id: str, user: dict[str, Any], grant: LaneGrant, transcript: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
         """The turn for a stored user record; ``None`` when it failed (retried up to TURN_ATTEMPTS)."""
         for attempt in range(1, TURN_ATTEMPTS + 1):
             try:
-                result = await self._gateway.turns.run_turn(grant, session_id, user, already_stored=True)
+                result = await self._gateway.turns.run_turn(
+                    grant, session_id, user, already_stored=True, transcript=transcript
+                )
                 return result.reply
             except SessionBusy:
                 raise  # lane lost or write lock busy: the task backs off and retries the whole step

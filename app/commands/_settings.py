@@ -8,6 +8,7 @@ same two flags.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from middleware import Settings
 
@@ -22,7 +23,12 @@ def settings_options() -> argparse.ArgumentParser:
     return parent
 
 
-def load_settings(args: argparse.Namespace) -> Settings:
-    """Settings as ``serve`` would resolve them; raises ``ConfigError`` naming the key."""
-    overrides = {"dataDir": args.data_dir} if args.data_dir is not None else None
+def load_settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
+    """Settings as ``serve`` resolves them; raises ``ConfigError`` naming the key.
+
+    ``sections`` are further command-line overrides (``server={"port": 1}``); empty ones are left out.
+    """
+    overrides: dict[str, Any] = {name: values for name, values in sections.items() if values}
+    if args.data_dir is not None:
+        overrides["dataDir"] = args.data_dir
     return Settings.load(args.config, overrides=overrides)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from middleware import Backend, BackendUnavailable, ConfigError, Settings, TranscriptStore, open_backend
+from middleware._config import CONFIG_PATH_ENV
 from middleware._storage import HolderState
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(Check(Level.FAIL, "config", str(exc).removeprefix("config error: ")).line())
         return EXIT_USAGE
     failed = False
-    for check in asyncio.run(_checks(settings, args.config or os.environ.get("SESSIONGATE_CONFIG"))):
+    for check in asyncio.run(_checks(settings, args.config or os.environ.get(CONFIG_PATH_ENV))):
         print(check.line(), flush=True)
         failed |= check.level is Level.FAIL
     return EXIT_PROBLEMS if failed else EXIT_OK
@@ -114,7 +115,7 @@ async def _lock_states(settings: Settings, backend: Backend) -> Check:
     views = await holder_views(backend.storage, settings)
     counts = Counter(view.state for view in views)
     summary = ", ".join(f"{counts[state]} {state.value}" for state in HolderState if counts[state]) or "none held"
-    if counts[HolderState.DEAD_PID] or counts[HolderState.STALE]:
+    if any(view.removable for view in views):
         return Check(Level.WARN, "locks", f"{summary}; run `sessiongate locks clean` (or let the next writer reclaim them)")
     return Check(Level.OK, "locks", summary)
 

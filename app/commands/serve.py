@@ -26,7 +26,7 @@ from middleware import ConfigError, Settings
 from .._logging import configure_logging
 from .._server import SETTINGS_ENV
 from ..routes.metrics import MULTIPROC_ENV
-from ._settings import EXIT_USAGE, settings_options
+from ._settings import EXIT_USAGE, load_settings, settings_options
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -41,19 +41,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags that were given, as camelCase settings (the highest-precedence layer)."""
+def run(args: argparse.Namespace) -> int:
     server = {key: value for key, value in (("host", args.host), ("port", args.port), ("workers", args.workers))
               if value is not None}
-    overrides: dict[str, Any] = {"server": server} if server else {}
-    if args.data_dir is not None:
-        overrides["dataDir"] = args.data_dir
-    return overrides
-
-
-def run(args: argparse.Namespace) -> int:
     try:
-        settings = Settings.load(args.config, overrides=cli_overrides(args))
+        settings = load_settings(args, server=server)
         ensure_data_dir(settings)
     except ConfigError as exc:
         print(f"sessiongate: {exc}", file=sys.stderr)
