@@ -25,3 +25,14 @@ def redis_url() -> str:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+STORAGE_URLS = ("memory://", "file://", "redis")
+
+
+@pytest.fixture(params=STORAGE_URLS)
+def storage_url(request: pytest.FixtureRequest) -> str:
+    """Each storage in turn; Redis through the ``redis_url`` fixture (fails if Redis is down)."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url")
+    return request.param

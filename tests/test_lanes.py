@@ -15,7 +15,7 @@ import pytest
 from middleware._errors import QueueFull, SessionBusy
 from middleware._lanes import Lanes
 from middleware._memory import MemoryStorage
-from tests.workers import settings_for, sibling_backends, storage_url  # noqa: F401  (fixture)
+from tests.workers import settings_for, sibling_backends
 
 pytestmark = pytest.mark.anyio
 

@@ -24,9 +24,8 @@ import pytest
 import redis
 
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.telegram_api import FakeTelegramApi
+from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import GatewayProcess, UvicornThread, assert_problem, messages_url, wait_for
-from tests.test_telegram import BOT_TOKEN, SECRET, SECRET_HEADER, update
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
@@ -177,16 +176,6 @@ async def test_killed_holder_on_this_host_is_reclaimed_at_once_by_the_other_inst
         transcript = await client.get(messages_url(b.url, "k1"))
     assert after.status_code == 200
     assert texts(transcript) == ["next", "next"]
-
-
-async def deliver_like_telegram(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> httpx.Response:
-    """POST the update until a 2xx, waiting Retry-After after a 429, as Telegram does (bounded)."""
-    for _ in range(20):
-        response = await client.post(f"{url}/v1/webhooks/telegram", json=body)
-        if response.status_code != 429:
-            return response
-        await anyio.sleep(int(response.headers["retry-after"]))
-    raise AssertionError("update never accepted")
 
 
 async def test_telegram_update_delivered_to_both_instances_is_processed_once(start_pair: StartPair) -> None:

@@ -17,10 +17,8 @@ import httpx
 import pytest
 import redis
 
-from tests.fakes.telegram_api import FakeTelegramApi
+from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import GatewayProcess, UvicornThread, assert_problem, free_port, messages_url, wait_for, wait_until
-from tests.test_redis_gateways import deliver_like_telegram
-from tests.test_telegram import BOT_TOKEN, SECRET, SECRET_HEADER, update
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 

@@ -22,7 +22,7 @@ import pytest
 from app._server import create_app
 from middleware import Settings, open_backend
 from tests.fakes.slack_api import FakeSlackApi
-from tests.support import GatewayProcess, UvicornThread
+from tests.support import GatewayProcess, UvicornThread, transcript
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_TOKEN = "xoxb-fake-bot-token"
@@ -82,9 +82,8 @@ def message_event(event_id: str, channel: str, text: str, **event: Any) -> dict[
     }
 
 
-def transcript(gateway: GatewayProcess, channel: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{gateway.url}/v1/sessions/slack:{TEAM}:{channel}/messages", timeout=5)
-    return response.json()["messages"] if response.status_code == 200 else []
+def channel_transcript(gateway: GatewayProcess, channel: str) -> list[dict[str, Any]]:
+    return transcript(gateway.url, f"slack:{TEAM}:{channel}")
 
 
 def test_url_verification_is_answered_with_the_challenge(gateway: GatewayProcess) -> None:
@@ -109,7 +108,7 @@ def test_bad_signature_or_stale_timestamp_is_401(gateway: GatewayProcess, case: 
         response = httpx.post(f"{gateway.url}/v1/webhooks/slack", json=payload, timeout=10)
     assert response.status_code == 401
     assert response.json()["type"].endswith("unauthorized")
-    assert transcript(gateway, "CBAD") == []
+    assert channel_transcript(gateway, "CBAD") == []
 
 
 @pytest.mark.parametrize(
@@ -134,7 +133,7 @@ def test_message_is_answered_with_chat_post_message(gateway: GatewayProcess, sla
     assert slack_api.wait_for_texts(1, channel="C1") == ["hello slack"]
     call = next(call for call in slack_api.delivered() if call.body["channel"] == "C1")
     assert call.headers["authorization"] == f"Bearer {BOT_TOKEN}" and "thread_ts" not in call.body
-    assert [r["role"] for r in transcript(gateway, "C1")] == ["user", "assistant"]
+    assert [r["role"] for r in channel_transcript(gateway, "C1")] == ["user", "assistant"]
 
 
 def test_thread_message_gets_its_own_session_and_a_threaded_reply(
@@ -158,7 +157,7 @@ def test_retried_event_id_is_processed_once(gateway: GatewayProcess, slack_api: 
     ]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert slack_api.wait_for_texts(1, channel="C3") == ["once please"]
-    assert [r["role"] for r in transcript(gateway, "C3")] == ["user", "assistant"]
+    assert [r["role"] for r in channel_transcript(gateway, "C3")] == ["user", "assistant"]
 
 
 def test_app_mention_and_message_for_the_same_message_are_processed_once(
@@ -188,7 +187,7 @@ def test_bot_messages_edits_and_joins_are_ignored(
     response = signed_post(gateway.url, message_event(f"Ev-{channel}", channel, "x", **event))
     assert response.status_code == 200
     time.sleep(0.3)
-    assert transcript(gateway, channel) == [] and slack_api.texts(channel=channel) == []
+    assert channel_transcript(gateway, channel) == [] and slack_api.texts(channel=channel) == []
 
 
 def test_ack_is_fast_while_a_turn_runs(gateway: GatewayProcess, slack_api: FakeSlackApi) -> None:
@@ -218,7 +217,7 @@ async def test_busy_write_lock_still_acks_fast_and_the_spooled_message_is_proces
     log.warning("slack ack latency with the write lock busy: %.1f ms", ack_ms)
     assert response.status_code == 200 and ack_ms < 3_000
     assert await anyio.to_thread.run_sync(lambda: slack_api.wait_for_texts(1, channel="C6")) == ["spooled"]
-    assert [r["role"] for r in transcript(gateway, "C6")] == ["user", "assistant"]
+    assert [r["role"] for r in channel_transcript(gateway, "C6")] == ["user", "assistant"]
 
 
 @pytest.mark.anyio
@@ -239,7 +238,7 @@ async def test_spooled_event_survives_kill_9_and_is_processed_once_after_restart
     assert acked.status_code == 200 and slack_api.texts(channel="C8") == []
     with GatewayProcess(tmp_path / "data", config, env=ENV) as second:
         assert await anyio.to_thread.run_sync(lambda: slack_api.wait_for_texts(1, channel="C8")) == ["kept"]
-        assert [r["role"] for r in transcript(second, "C8")] == ["user", "assistant"]
+        assert [r["role"] for r in channel_transcript(second, "C8")] == ["user", "assistant"]
 
 
 def test_slack_429_is_honoured(gateway: GatewayProcess, slack_api: FakeSlackApi) -> None:

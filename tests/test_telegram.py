@@ -6,7 +6,6 @@ Each test uses its own chat id and update ids, so they can share one gateway.
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,10 @@ import pytest
 
 from app._server import create_app
 from middleware import Settings, TranscriptStore, open_backend
-from tests.fakes.telegram_api import FakeTelegramApi
-from tests.support import GatewayProcess, UvicornThread
+from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
+from tests.support import GatewayProcess, UvicornThread, transcript
 
-SECRET = "s3cret-Token_1"
-BOT_TOKEN = "123456:fake-bot-token"
 ENV = {"TELEGRAM_BOT_TOKEN": BOT_TOKEN}
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 
 def gateway_config(api_base: str, *, delay_ms: int) -> dict[str, Any]:
@@ -50,27 +46,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, bot_api: FakeTelegramApi) 
         yield process
 
 
-def update(update_id: int, chat_id: int, text: str) -> dict[str, Any]:
-    return {
-        "update_id": update_id,
-        "message": {
-            "message_id": update_id,
-            "date": int(time.time()),
-            "chat": {"id": chat_id, "type": "private"},
-            "from": {"id": chat_id, "is_bot": False, "first_name": "Test"},
-            "text": text,
-        },
-    }
-
-
 def post_update(url: str, body: dict[str, Any], *, secret: str | None = SECRET) -> httpx.Response:
     headers = {SECRET_HEADER: secret} if secret is not None else {}
     return httpx.post(f"{url}/v1/webhooks/telegram", json=body, headers=headers, timeout=10)
 
 
-def transcript(gateway: GatewayProcess, chat_id: int) -> list[dict[str, Any]]:
-    response = httpx.get(f"{gateway.url}/v1/sessions/telegram:{chat_id}/messages", timeout=5)
-    return response.json()["messages"] if response.status_code == 200 else []
+def chat_transcript(gateway: GatewayProcess, chat_id: int) -> list[dict[str, Any]]:
+    return transcript(gateway.url, f"telegram:{chat_id}")
 
 
 def test_missing_or_wrong_secret_is_401_and_nothing_is_stored(gateway: GatewayProcess) -> None:
@@ -79,7 +61,7 @@ def test_missing_or_wrong_secret_is_401_and_nothing_is_stored(gateway: GatewayPr
         assert response.status_code == 401
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["type"].endswith("unauthorized")
-    assert transcript(gateway, 11) == []
+    assert chat_transcript(gateway, 11) == []
 
 
 @pytest.mark.parametrize("telegram", [None, {"apiBase": "http://127.0.0.1:9"}], ids=["no-section", "no-secret"])
@@ -101,7 +83,7 @@ def test_update_without_text_is_acknowledged_and_ignored(gateway: GatewayProcess
         assert bad.status_code == 400 and bad.json()["type"].endswith("invalid-request")
     not_json = httpx.post(f"{gateway.url}/v1/webhooks/telegram", content=b"{", headers={SECRET_HEADER: SECRET})
     assert not_json.status_code == 400 and not_json.json()["type"].endswith("invalid-request")
-    assert transcript(gateway, 12) == []
+    assert chat_transcript(gateway, 12) == []
 
 
 def test_same_update_three_times_is_stored_and_answered_once(
@@ -111,7 +93,7 @@ def test_same_update_three_times_is_stored_and_answered_once(
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.json()["accepted"] for a in answers] == ["new", "duplicate", "duplicate"]
     assert bot_api.wait_for_texts(1, chat_id=13) == ["only once"]
-    records = transcript(gateway, 13)
+    records = chat_transcript(gateway, 13)
     assert [(r["role"], r["text"]) for r in records] == [("user", "only once"), ("assistant", "only once")]
     assert records[0]["externalId"] == "telegram:100" and records[1]["replyTo"] == records[0]["id"]
 
@@ -133,7 +115,7 @@ async def test_concurrent_copies_of_one_update_store_it_once(
                 group.start_soon(post)
     assert 200 in statuses and set(statuses) <= {200, 429}  # a copy racing the first may be told to retry
     assert await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(1, chat_id=14)) == ["racing copies"]
-    assert [r["role"] for r in transcript(gateway, 14)] == ["user", "assistant"]
+    assert [r["role"] for r in chat_transcript(gateway, 14)] == ["user", "assistant"]
 
 
 @pytest.mark.anyio
@@ -155,7 +137,7 @@ async def test_updates_arriving_during_a_turn_wait_and_run_in_update_id_order(
                 group.start_soon(post, update_id)
     expected = [f"m{n}" for n in range(200, 206)]
     assert await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(6, chat_id=chat_id)) == expected
-    records = transcript(gateway, chat_id)
+    records = chat_transcript(gateway, chat_id)
     replies = [r for r in records if r["role"] == "assistant"]
     assert [r["text"] for r in replies] == expected
     assert len({r["replyTo"] for r in replies}) == 6
@@ -208,7 +190,7 @@ def test_kill_9_after_the_ack_loses_nothing_and_the_reply_goes_out_once(
         again = post_update(second.url, update(500, chat_id, "survives"))  # Telegram's retry after the crash
         assert again.status_code == 200 and again.json()["accepted"] == "duplicate"
         assert bot_api.wait_for_texts(1, chat_id=chat_id) == ["survives"]
-        assert [r["role"] for r in transcript(second, chat_id)] == ["user", "assistant"]
+        assert [r["role"] for r in chat_transcript(second, chat_id)] == ["user", "assistant"]
 
 
 @pytest.mark.anyio
@@ -231,7 +213,7 @@ async def test_crash_after_append_before_dedupe_record_neither_loses_nor_doubles
         retry = await anyio.to_thread.run_sync(post_update, gateway.url, update(600, chat_id, "half done"))
         assert retry.status_code == 200 and retry.json()["accepted"] == "duplicate"
         assert await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(1, chat_id=chat_id)) == ["half done"]
-        assert [r["role"] for r in transcript(gateway, chat_id)] == ["user", "assistant"]
+        assert [r["role"] for r in chat_transcript(gateway, chat_id)] == ["user", "assistant"]
 
 
 @pytest.mark.anyio
@@ -263,6 +245,6 @@ async def test_two_gateway_processes_sharing_the_sessions_process_each_update_on
                 for update_id in update_ids:
                     group.start_soon(post, update_id)
         texts = await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(len(update_ids), chat_id=chat_id))
-        records = transcript(one, chat_id)
+        records = chat_transcript(one, chat_id)
     assert sorted(texts) == sorted(f"m{n}" for n in update_ids)  # each once, none twice
     assert sorted(r["text"] for r in records if r["role"] == "assistant") == sorted(texts)

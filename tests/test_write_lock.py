@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from middleware._errors import LockTimeout, SessionBusy
-from tests.workers import settings_for, sibling_backends, storage_url  # noqa: F401  (fixture)
+from tests.workers import settings_for, sibling_backends
 
 pytestmark = pytest.mark.anyio
 

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -100,3 +102,31 @@ class FakeTelegramApi(RecordingApi):
             {"ok": True, "result": {"message_id": message_id, "chat": {"id": call.body.get("chat_id")},
                                     "text": call.body.get("text")}}
         )
+
+
+SECRET = "s3cret-Token_1"
+BOT_TOKEN = "123456:fake-bot-token"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+
+def update(update_id: int, chat_id: int, text: str) -> dict[str, Any]:
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private"},
+            "from": {"id": chat_id, "is_bot": False, "first_name": "Test"},
+            "text": text,
+        },
+    }
+
+
+async def deliver_like_telegram(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> httpx.Response:
+    """POST the update until a 2xx, waiting Retry-After after a 429, as Telegram does (bounded)."""
+    for _ in range(20):
+        response = await client.post(f"{url}/v1/webhooks/telegram", json=body)
+        if response.status_code != 429:
+            return response
+        await anyio.sleep(int(response.headers["retry-after"]))
+    raise AssertionError("update never accepted")

@@ -45,6 +45,13 @@ def assert_problem(response: httpx.Response, status: int, name: str) -> dict:
     return body
 
 
+def transcript(base: str, session_id: str) -> list[dict[str, Any]]:
+    """The session's messages through the real API (an unknown session reads as ``[]`` with a 200)."""
+    response = httpx.get(messages_url(base, session_id), timeout=5)
+    assert response.status_code == 200, response.text
+    return response.json()["messages"]
+
+
 async def wait_for(predicate, timeout: float = 10.0) -> None:
     """The asyncio twin of :func:`wait_until`: poll ``predicate`` without blocking the loop."""
     deadline = time.monotonic() + timeout

@@ -12,28 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from middleware._backend import Backend, open_backend
 from middleware._config import Settings
 from tests.support import REPO_ROOT
 
 # The storages every strategy test runs against; a new storage is one more entry here.
-STORAGE_URLS = ("memory://", "file://", "redis")
-
 
 def settings_for(data_dir: Path, url: str = "file://", **overrides: Any) -> Settings:
     """Settings for a test; ``overrides`` are camelCase sections (``lane={"mode": "queue"}``)."""
     return Settings.load(env={}, overrides={"dataDir": str(data_dir), "backend": {"url": url}, **overrides})
-
-
-@pytest.fixture(params=STORAGE_URLS)
-def storage_url(request: pytest.FixtureRequest) -> str:
-    """Each storage in turn; Redis through the ``redis_url`` fixture (fails if Redis is down)."""
-    if request.param == "redis":
-        return request.getfixturevalue("redis_url")
-    return request.param
-
 
 def sibling_backends(settings: Settings, count: int = 2) -> list[Backend]:
     """Backends that share one storage as separate processes would (memory: one storage object)."""
@@ -41,7 +28,6 @@ def sibling_backends(settings: Settings, count: int = 2) -> list[Backend]:
     if settings.backend.url.startswith("memory"):
         return [first] + [Backend(first.storage, settings) for _ in range(count - 1)]
     return [first] + [open_backend(settings) for _ in range(count - 1)]
-
 
 def spawn(role: str, settings: Settings, *args: object) -> subprocess.Popen[bytes]:
     """Start a worker process running ``role`` (see ``tests/workers/locker.py``)."""
