@@ -18,56 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO_ROOT, free_port, wait_until
+from tests.workers import HOLDER_STALE_MS, HolderProcess, backend_env
 
-STALE_MS = 1000
-
-HOLDER_SCRIPT = """
-import asyncio, sys
-from middleware import Settings
-from middleware._backend import open_storage
-from middleware._storage import LeaseKind
-
-async def main(data_dir, kind, session_id, stale_ms):
-    storage = open_storage(Settings.load(overrides={"dataDir": data_dir}))  # backend.url from the env
-    lease = await storage.try_acquire(LeaseKind(kind), session_id, stale_ms=stale_ms)
-    print("held" if lease else "refused", flush=True)
-    while lease is not None:
-        await asyncio.sleep(0.1)
-        if not await lease.renew():
-            print("lost", flush=True)
-            return
-
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
-"""
-
-
-class HolderProcess:
-    """A process holding one lease of one session, renewing it every 100 ms."""
-
-    def __init__(
-        self, data_dir: Path, kind: str, session_id: str, *, backend_url: str = "file://", stale_ms: int = STALE_MS
-    ) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", HOLDER_SCRIPT, str(data_dir), kind, session_id, str(stale_ms)],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, env=backend_env(backend_url),
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "held"
-
-    def next_line(self) -> str:
-        assert self.process.stdout is not None
-        return self.process.stdout.readline().strip()
-
-    def kill(self) -> None:
-        self.process.kill()  # SIGKILL: no cleanup of any kind
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
-
+STALE_MS = HOLDER_STALE_MS
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
@@ -76,7 +29,6 @@ def data_dir(tmp_path: Path) -> Path:
     (tmp_path / "config.json").write_text(json.dumps({"sessionWriteLock": {"staleMs": STALE_MS}}))
     return path
 
-
 @pytest.fixture
 def holders(data_dir: Path) -> Iterator[list[HolderProcess]]:
     started: list[HolderProcess] = []
@@ -84,17 +36,10 @@ def holders(data_dir: Path) -> Iterator[list[HolderProcess]]:
     for holder in started:
         holder.stop()
 
-
-def backend_env(backend_url: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SESSIONGATE_")}
-    return {**env, "SESSIONGATE_BACKEND__URL": backend_url}
-
-
 def hold(holders: list[HolderProcess], data_dir: Path, kind: str, session_id: str, **options) -> HolderProcess:
     holder = HolderProcess(data_dir, kind, session_id, **options)
     holders.append(holder)
     return holder
-
 
 def locks(data_dir: Path, *args: str, backend_url: str = "file://") -> subprocess.CompletedProcess[str]:
     action, *rest = args
@@ -104,12 +49,10 @@ def locks(data_dir: Path, *args: str, backend_url: str = "file://") -> subproces
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, env=backend_env(backend_url),
     )
 
-
 def states(data_dir: Path, **options: str) -> dict[tuple[str, str], str]:
     result = locks(data_dir, "list", "--json", **options)
     assert result.returncode in (0, 1), result.stderr
     return {(h["sessionId"], h["kind"]): h["state"] for h in json.loads(result.stdout)}
-
 
 def test_killed_holder_is_listed_dead_and_only_it_is_cleaned(data_dir: Path, holders: list[HolderProcess]) -> None:
     dead = hold(holders, data_dir, "lane", "chat:dead")
@@ -148,7 +91,6 @@ def test_killed_holder_is_listed_dead_and_only_it_is_cleaned(data_dir: Path, hol
     assert report["holders"]["lane"]["state"] == "live"
     assert report["fence"] >= 1 and report["holders"]["write"] is None
 
-
 def test_stopped_holder_turns_stale_and_loses_its_lease_to_clean(
     data_dir: Path, holders: list[HolderProcess]
 ) -> None:
@@ -165,7 +107,6 @@ def test_stopped_holder_turns_stale_and_loses_its_lease_to_clean(
     os.kill(frozen.process.pid, signal.SIGCONT)
     assert frozen.next_line() == "lost"  # its next heartbeat finds the lease gone
 
-
 def test_inspect_text_and_usage_errors(data_dir: Path, holders: list[HolderProcess]) -> None:
     holder = hold(holders, data_dir, "lane", "chat:inspect")
     text = locks(data_dir, "inspect", "chat:inspect")
@@ -177,7 +118,6 @@ def test_inspect_text_and_usage_errors(data_dir: Path, holders: list[HolderProce
     (data_dir.parent / "config.json").write_text(json.dumps({"sessionWriteLock": {"staleMs": "soon"}}))
     bad = locks(data_dir, "list")
     assert bad.returncode == 2 and "sessionWriteLock.staleMs" in bad.stderr
-
 
 @pytest.mark.redis
 def test_redis_backend_dead_holder_is_listed_and_cleaned(
@@ -196,7 +136,6 @@ def test_redis_backend_dead_holder_is_listed_and_cleaned(
     clean = locks(data_dir, "clean", backend_url=redis_url)
     assert clean.returncode == 0 and "removed lane lock of chat:redis-dead" in clean.stdout
     assert states(data_dir, backend_url=redis_url) == {("chat:redis-live", "lane"): "live"}
-
 
 def test_unreachable_backend_exits_3(data_dir: Path) -> None:
     result = locks(data_dir, "list", backend_url=f"redis://127.0.0.1:{free_port()}/15")

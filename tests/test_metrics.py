@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import GatewayProcess, free_port
-from tests.test_locks_cli import HolderProcess
+from tests.workers import HolderProcess
 
 TURN_MS = 600
 SERIES = {

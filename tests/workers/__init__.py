@@ -7,6 +7,8 @@ repository root, so cross-process tests use real, separate interpreters.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +40,58 @@ def spawn(role: str, settings: Settings, *args: object) -> subprocess.Popen[byte
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def backend_env(backend_url: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SESSIONGATE_")}
+    return {**env, "SESSIONGATE_BACKEND__URL": backend_url}
+
+
+HOLDER_STALE_MS = 1000
+
+HOLDER_SCRIPT = """
+import asyncio, sys
+from middleware import Settings
+from middleware._backend import open_storage
+from middleware._storage import LeaseKind
+
+async def main(data_dir, kind, session_id, stale_ms):
+    storage = open_storage(Settings.load(overrides={"dataDir": data_dir}))  # backend.url from the env
+    lease = await storage.try_acquire(LeaseKind(kind), session_id, stale_ms=stale_ms)
+    print("held" if lease else "refused", flush=True)
+    while lease is not None:
+        await asyncio.sleep(0.1)
+        if not await lease.renew():
+            print("lost", flush=True)
+            return
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+"""
+
+
+class HolderProcess:
+    """A process holding one lease of one session, renewing it every 100 ms."""
+
+    def __init__(
+        self, data_dir: Path, kind: str, session_id: str, *, backend_url: str = "file://", stale_ms: int = HOLDER_STALE_MS
+    ) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER_SCRIPT, str(data_dir), kind, session_id, str(stale_ms)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, env=backend_env(backend_url),
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "held"
+
+    def next_line(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline().strip()
+
+    def kill(self) -> None:
+        self.process.kill()  # SIGKILL: no cleanup of any kind
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=10)
