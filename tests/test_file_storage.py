@@ -12,7 +12,7 @@ from middleware._errors import BackendUnavailable
 from middleware._file import FileStorage, LockPathAttack
 from middleware._storage import HolderState, LeaseKind
 from tests.support import wait_until
-from tests.workers import settings_for, spawn
+from tests.workers import settings_for, spawn, wait_for_report
 
 pytestmark = pytest.mark.anyio
 
@@ -49,7 +49,7 @@ async def test_a_holder_killed_mid_hold_is_reclaimed_and_listed_as_dead(tmp_path
     ready = tmp_path / "ready"
     holder_process = spawn("hold", settings, ready, "s")
     try:
-        wait_until(ready.exists, timeout=20, what="holder ready")
+        wait_for_report(ready, holder_process, timeout=20)
     finally:
         os.kill(holder_process.pid, signal.SIGKILL)
         holder_process.communicate(timeout=10)

@@ -21,7 +21,7 @@ from middleware._errors import SessionBusy
 from middleware._storage import HolderState, LeaseKind
 from middleware._store import TranscriptStore
 from tests.support import wait_until
-from tests.workers import settings_for, spawn
+from tests.workers import publish, settings_for, spawn, wait_for_report
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +64,7 @@ async def test_kill_9_of_a_holder_frees_the_session_at_once(tmp_path: Path) -> N
     ready = tmp_path / "ready"
     holder = spawn("hold", settings, ready, "s1")
     try:
-        wait_until(ready.exists, timeout=20, what="holder ready")
+        wait_for_report(ready, holder, timeout=20)
         backend = open_backend(settings)
         with pytest.raises(SessionBusy):
             await backend.acquire_lane("s1")
@@ -87,7 +87,7 @@ async def test_sigstopped_holder_loses_the_lane_after_stale_ms_and_is_fenced_out
     ready, go, result = tmp_path / "ready", tmp_path / "go", tmp_path / "result.json"
     worker = spawn("fenced", settings, "s1", ready, go, result)
     try:
-        wait_until(ready.exists, timeout=20, what="worker holds the lane")
+        wait_for_report(ready, worker, timeout=20)
         os.kill(worker.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         backend = open_backend(settings)
@@ -99,7 +99,7 @@ async def test_sigstopped_holder_loses_the_lane_after_stale_ms_and_is_fenced_out
         await store.append("s1", [{"role": "user", "text": "takeover"}], fence=grant.fence)
 
         os.kill(worker.pid, signal.SIGCONT)
-        go.write_text("go")
+        publish(go, "go")
         _finish(worker, timeout=20)
         outcome = json.loads(result.read_text())
         assert outcome == {"outcome": "fenced", "lost": True, "fence": int(ready.read_text())}
@@ -112,25 +112,26 @@ async def test_sigstopped_holder_loses_the_lane_after_stale_ms_and_is_fenced_out
 
 
 async def test_two_processes_racing_to_break_a_stale_lock_one_wins(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, sessionWriteLock={"staleMs": 300})
+    # staleMs is also how long a won lease stays unbreakable (racers do not renew): room for a slow racer
+    settings = settings_for(tmp_path, sessionWriteLock={"staleMs": 1_000})
     sessions = [f"r{n}" for n in range(8)]
     ready = tmp_path / "ready"
     holder = spawn("hold", settings, ready, *sessions)
     racers = []
     try:
-        wait_until(ready.exists, timeout=20, what="holder ready")
+        wait_for_report(ready, holder, timeout=20)
         os.kill(holder.pid, signal.SIGSTOP)
-        time.sleep(0.5)  # its leases go stale
+        time.sleep(1.2)  # its leases go stale
         go = tmp_path / "go"
         results = [tmp_path / f"race-{n}.json" for n in range(2)]
         racers = [spawn("race", settings, go, result, *sessions) for result in results]
-        for result in results:
-            wait_until(Path(f"{result}.ready").exists, timeout=30, what="racer ready")
-        go.write_text(str(time.time() + 0.3))
-        for result in results:
-            wait_until(result.exists, timeout=30, what="racer result")
+        for result, racer in zip(results, racers):
+            wait_for_report(f"{result}.ready", racer)
+        publish(go, str(time.time() + 0.3))
+        for result, racer in zip(results, racers):
+            wait_for_report(result, racer)
         for result in results:  # both have tried: now they may give their wins back
-            Path(f"{result}.done").write_text("done")
+            publish(f"{result}.done", "done")
         for racer in racers:
             _finish(racer, timeout=30)
         outcomes = [json.loads(result.read_text()) for result in results]

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,25 @@ def spawn(role: str, settings: Settings, *args: object) -> subprocess.Popen[byte
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def publish(path: Path | str, text: str) -> None:
+    """Write a report file all at once (temp file, then rename): a poller never reads it half-written."""
+    partial = f"{path}.partial"
+    Path(partial).write_text(text)
+    os.replace(partial, path)
+
+
+def wait_for_report(path: Path | str, worker: subprocess.Popen[bytes], *, timeout: float = 30) -> None:
+    """Wait for ``worker``'s report at ``path``; if the worker exits first, fail at once with its stderr."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if worker.poll() is not None:
+            _, stderr = worker.communicate()
+            raise AssertionError(f"worker exited {worker.returncode} before writing {path}:\n{stderr.decode()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} not written within {timeout} s")
+        time.sleep(0.02)
 
 
 def backend_env(backend_url: str) -> dict[str, str]:

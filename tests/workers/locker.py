@@ -20,6 +20,7 @@ from middleware._config import Settings
 from middleware._errors import FencedOut
 from middleware._storage import LeaseKind
 from middleware._store import TranscriptStore
+from tests.workers import publish
 
 
 async def _wait_for_file(path: Path) -> None:
@@ -37,7 +38,7 @@ async def appender(settings: Settings, session_id: str, count: str, log_path: st
             start = time.monotonic_ns()
             await transcript.append([{"role": "user", "text": "x", "pid": os.getpid(), "seq": seq}])
             spans.append((start, time.monotonic_ns()))
-    Path(log_path).write_text(json.dumps(spans))
+    publish(log_path, json.dumps(spans))
     await backend.aclose()
 
 
@@ -49,7 +50,7 @@ async def hold(settings: Settings, ready_path: str, *session_ids: str) -> None:
             grant = await backend.acquire_lane(session_id)
             stack.push_async_callback(grant.release)
             await stack.enter_async_context(backend.write_lock(session_id))
-        Path(ready_path).write_text(str(os.getpid()))
+        publish(ready_path, str(os.getpid()))
         await asyncio.sleep(600)
 
 
@@ -59,7 +60,7 @@ async def fenced(settings: Settings, session_id: str, ready_path: str, go_path: 
     store = TranscriptStore(backend, settings)
     grant = await backend.acquire_lane(session_id)
     await store.append(session_id, [{"role": "user", "text": "before", "pid": os.getpid()}], fence=grant.fence)
-    Path(ready_path).write_text(str(grant.fence))
+    publish(ready_path, str(grant.fence))
     await _wait_for_file(Path(go_path))
     await asyncio.sleep(0.1)  # let the overdue heartbeat run
     try:
@@ -67,7 +68,7 @@ async def fenced(settings: Settings, session_id: str, ready_path: str, go_path: 
         outcome = "appended"
     except FencedOut:
         outcome = "fenced"
-    Path(result_path).write_text(json.dumps({"outcome": outcome, "lost": grant.lost, "fence": grant.fence}))
+    publish(result_path, json.dumps({"outcome": outcome, "lost": grant.lost, "fence": grant.fence}))
     await grant.release()
     await backend.aclose()
 
@@ -80,7 +81,7 @@ async def race(settings: Settings, go_path: str, result_path: str, *session_ids:
     """
     backend = open_backend(settings)
     stale_ms = settings.session_write_lock.stale_ms
-    Path(f"{result_path}.ready").write_text("ready")
+    publish(f"{result_path}.ready", "ready")
     await _wait_for_file(Path(go_path))
     start_at = float(Path(go_path).read_text())
     await asyncio.sleep(max(0.0, start_at - time.time() - 0.05))
@@ -90,7 +91,7 @@ async def race(settings: Settings, go_path: str, result_path: str, *session_ids:
     for session_id in session_ids:
         lease = await backend.storage.try_acquire(LeaseKind.LANE, session_id, stale_ms=stale_ms)
         won[session_id] = None if lease is None else (lease.holder.fence, getattr(lease.reclaimed, "value", None))
-    Path(result_path).write_text(json.dumps(won))
+    publish(result_path, json.dumps(won))
     await asyncio.wait_for(_wait_for_file(Path(f"{result_path}.done")), 60)
 
 
