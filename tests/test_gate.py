@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from middleware import SessionGate, Settings, lane_of
-from tests.support import REPO_ROOT, UvicornThread, free_port
+from tests.support import REPO_ROOT, UvicornThread, assert_problem, free_port
 
 NO_RATE_LIMITS = {"perSession": None, "perSender": None}
 
@@ -146,17 +146,6 @@ async def eventually_admitted(client: httpx.AsyncClient, session: str, *, timeou
         await asyncio.sleep(0.02)
 
 
-def assert_problem(response: httpx.Response, name: str, status: int, *, session_id: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["type"].endswith(name) and body["status"] == status
-    assert body["title"] and body["detail"]
-    if session_id is not None:
-        assert body["sessionId"] == session_id
-    return body
-
-
 def assert_retryable(response: httpx.Response) -> None:
     body = response.json()
     assert int(response.headers["retry-after"]) >= 1
@@ -182,7 +171,7 @@ async def test_second_message_on_a_busy_session_gets_a_fast_409(
             await until(lambda: len(endpoints.calls) == 1, what="first turn started")
             busy = await client.post("/s/s1/turn", json={"text": "second"})
             assert not first.done(), "the busy answer came while the first turn was still running"
-            assert_problem(busy, "session-busy", 409, session_id="s1")
+            assert_problem(busy, 409, "session-busy", session_id="s1")
             assert_retryable(busy)
             assert (await first).status_code == 200
     assert len(endpoints.calls) == 1
@@ -196,7 +185,7 @@ async def test_unreachable_redis_is_503_backend_unavailable(tmp_path: Path, rate
     with serve(settings) as (server, endpoints, _):
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             answer = await client.post("/s/s1/turn")
-    assert_problem(answer, "backend-unavailable", 503)
+    assert_problem(answer, 503, "backend-unavailable")
     assert_retryable(answer)
     assert endpoints.calls == []
 
@@ -208,7 +197,7 @@ async def test_contention_status_429_variant(tmp_path: Path) -> None:
             first = asyncio.create_task(client.post("/s/s1/turn?ms=800"))
             await until(lambda: len(endpoints.calls) == 1)
             busy = await client.post("/s/s1/turn")
-            assert_problem(busy, "session-busy", 429, session_id="s1")
+            assert_problem(busy, 429, "session-busy", session_id="s1")
             assert_retryable(busy)
             await first
 
@@ -236,7 +225,7 @@ async def test_queue_mode_serves_in_arrival_order_and_refuses_past_the_cap(tmp_p
                 waiting.append(asyncio.create_task(client.post("/s/s1/turn?ms=50", content=text)))
                 await asyncio.sleep(0.15)  # arrival order is the order of these sends
             full = await client.post("/s/s1/turn", content=b"fourth")
-            assert_problem(full, "queue-full", 429, session_id="s1")
+            assert_problem(full, 429, "queue-full", session_id="s1")
             assert_retryable(full)
             answers = [await running, *[await task for task in waiting]]
     assert [answer.status_code for answer in answers] == [200, 200, 200]
@@ -251,7 +240,7 @@ async def test_rate_limit_answers_429_with_ratelimit_fields(tmp_path: Path) -> N
             assert [(await client.post("/s/s1/turn")).status_code for _ in range(2)] == [200, 200]
             limited = await client.post("/s/s1/turn")
             assert (await client.post("/s/s2/turn")).status_code == 200
-    body = assert_problem(limited, "rate-limited", 429, session_id="s1")
+    body = assert_problem(limited, 429, "rate-limited", session_id="s1")
     assert_retryable(limited)
     assert limited.headers["ratelimit-policy"] == '"perSession";q=2;w=60'
     assert re.fullmatch(r'"perSession";r=0;t=\d+', limited.headers["ratelimit"])
@@ -271,7 +260,7 @@ async def test_per_sender_limit_uses_the_sender_key(tmp_path: Path) -> None:
             assert (await client.post("/s/a/turn", headers={"x-sender": "alice"})).status_code == 200
             limited = await client.post("/s/b/turn", headers={"x-sender": "alice"})
             assert (await client.post("/s/b/turn", headers={"x-sender": "bob"})).status_code == 200
-    assert_problem(limited, "rate-limited", 429)
+    assert_problem(limited, 429, "rate-limited")
     assert limited.headers["ratelimit-policy"].startswith('"perSender";q=1')
 
 
@@ -299,10 +288,10 @@ async def test_idempotency_key_in_flight_and_reused(tmp_path: Path) -> None:
             reused = await client.post("/s/s1/turn", content=b"b", headers=headers)
             assert (await first).status_code == 200
             reused_after = await client.post("/s/s1/turn", content=b"b", headers=headers)
-    assert_problem(in_flight, "idempotency-in-flight", 409, session_id="s1")
+    assert_problem(in_flight, 409, "idempotency-in-flight", session_id="s1")
     assert_retryable(in_flight)
-    assert_problem(reused, "idempotency-key-reused", 422, session_id="s1")
-    assert_problem(reused_after, "idempotency-key-reused", 422, session_id="s1")
+    assert_problem(reused, 422, "idempotency-key-reused", session_id="s1")
+    assert_problem(reused_after, 422, "idempotency-key-reused", session_id="s1")
     assert len(endpoints.calls) == 1
 
 
@@ -327,8 +316,8 @@ async def test_a_buffered_body_is_bounded_by_max_body_bytes(tmp_path: Path) -> N
             too_large = await client.post("/s/s1/turn", content=b"x" * 100, headers={"Idempotency-Key": "k"})
             bad_key = await client.post("/s/s1/turn", content=b"x", headers={"Idempotency-Key": ""})
             assert (await client.post("/s/s1/turn", content=b"x" * 100)).status_code == 200  # no key: not read
-    assert_problem(too_large, "payload-too-large", 413, session_id=None)
-    assert_problem(bad_key, "invalid-request", 400)
+    assert_problem(too_large, 413, "payload-too-large")
+    assert_problem(bad_key, 400, "invalid-request")
     assert [call["body"] for call in endpoints.calls] == [b"x" * 100]
 
 
@@ -350,7 +339,7 @@ async def test_lane_is_held_while_a_response_streams(tmp_path: Path) -> None:
             async with client.stream("GET", "/s/s1/stream?chunks=10") as streaming:
                 chunks = streaming.aiter_raw()
                 await anext(chunks)
-                assert_problem(await client.post("/s/s1/turn"), "session-busy", 409)
+                assert_problem(await client.post("/s/s1/turn"), 409, "session-busy")
                 async for _ in chunks:
                     pass
             assert (await client.post("/s/s1/turn")).status_code == 200
@@ -399,7 +388,7 @@ async def test_invalid_session_id_is_400_and_never_runs(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             answers = [await client.post(f"/s/{bad}/turn") for bad in ("a%20b", "%2E%2E", "x" * 129, "a%00b")]
     for answer in answers:
-        body = assert_problem(answer, "invalid-session-id", 400)
+        body = assert_problem(answer, 400, "invalid-session-id")
         assert "sessionId" not in body
     assert endpoints.calls == []
 

@@ -17,7 +17,7 @@ import pytest
 from app._server import create_app
 from middleware import Settings, TranscriptStore, open_backend
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
-from tests.support import GatewayProcess, UvicornThread, transcript
+from tests.support import GatewayProcess, UvicornThread, transcript, wait_until
 
 ENV = {"TELEGRAM_BOT_TOKEN": BOT_TOKEN}
 
@@ -248,3 +248,19 @@ async def test_two_gateway_processes_sharing_the_sessions_process_each_update_on
         records = chat_transcript(one, chat_id)
     assert sorted(texts) == sorted(f"m{n}" for n in update_ids)  # each once, none twice
     assert sorted(r["text"] for r in records if r["role"] == "assistant") == sorted(texts)
+
+
+def test_a_missing_bot_token_fails_delivery_for_good_but_keeps_the_turn(
+    tmp_path: Path, bot_api: FakeTelegramApi
+) -> None:
+    config = gateway_config(bot_api.url, delay_ms=0)
+    config["channels"]["telegram"]["botTokenEnv"] = "SESSIONGATE_TEST_UNSET_BOT_TOKEN"
+    chat_id = 22
+    with GatewayProcess(tmp_path / "data", config) as gateway:
+        assert post_update(gateway.url, update(800, chat_id, "anyone?")).status_code == 200
+        wait_until(lambda: len(chat_transcript(gateway, chat_id)) == 2, timeout=10, what="the turn answered")
+        wait_until(
+            lambda: "SESSIONGATE_TEST_UNSET_BOT_TOKEN (the bot token) is not set" in gateway.log(),
+            timeout=10, what="the delivery failure logged",
+        )
+    assert bot_api.texts(chat_id=chat_id) == []  # given up at once: no retries against the API

@@ -39,6 +39,7 @@ from .worker import (
     DeliveryFailed,
     DeliveryRetry,
     Inbound,
+    bot_token,
     channel_for,
     post_json,
     read_json_object,
@@ -113,9 +114,7 @@ class SlackChannel(Channel):
         return Inbound(session_id=session_id, record=record, dedupe_key=f"dedupe:slack:{team}:{event_id}")
 
     async def send(self, http: httpx.AsyncClient, session_id: str, text: str) -> None:
-        token = os.environ.get(self.settings.bot_token_env)
-        if not token:
-            raise DeliveryFailed(f"environment variable {self.settings.bot_token_env} (the bot token) is not set")
+        token = bot_token(self.settings.bot_token_env)
         _, _, channel, *thread = session_id.split(":", 3)
         message: dict[str, Any] = {"channel": channel, "text": text}
         if thread:

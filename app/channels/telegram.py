@@ -29,6 +29,7 @@ from .worker import (
     DeliveryFailed,
     DeliveryRetry,
     Inbound,
+    bot_token,
     channel_for,
     post_json,
     read_json_object,
@@ -51,13 +52,9 @@ class TelegramChannel(Channel):
         return int(record.get("updateId", 0))
 
     @property
-    def bot_token(self) -> str | None:
-        return os.environ.get(self.settings.bot_token_env) or None
-
-    @property
     def bot_id(self) -> str:
         """The bot's numeric id (the token's prefix), so two bots sharing a backend keep apart."""
-        token = self.bot_token
+        token = os.environ.get(self.settings.bot_token_env)
         return token.split(":", 1)[0] if token else "default"
 
     def check_secret(self, request: Request) -> None:
@@ -97,9 +94,7 @@ class TelegramChannel(Channel):
         )
 
     async def send(self, http: httpx.AsyncClient, session_id: str, text: str) -> None:
-        token = self.bot_token
-        if token is None:
-            raise DeliveryFailed(f"environment variable {self.settings.bot_token_env} (the bot token) is not set")
+        token = bot_token(self.settings.bot_token_env)
         chat_id = int(session_id.removeprefix(f"{self.name}:"))
         url = f"{self.settings.api_base.rstrip('/')}/bot{token}/sendMessage"
         for start in range(0, max(1, len(text)), MAX_MESSAGE_CHARS):

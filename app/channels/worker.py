@@ -383,6 +383,14 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return body
 
 
+def bot_token(env_name: str) -> str:
+    """The bot token from the environment variable the config names; without it no delivery can succeed."""
+    token = os.environ.get(env_name)
+    if not token:
+        raise DeliveryFailed(f"environment variable {env_name} (the bot token) is not set")
+    return token
+
+
 async def post_json(
     http: httpx.AsyncClient, url: str, payload: dict[str, Any], *, what: str, headers: dict[str, str] | None = None
 ) -> tuple[httpx.Response, dict[str, Any]]:

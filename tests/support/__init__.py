@@ -34,14 +34,16 @@ def messages_url(base: str, session_id: str) -> str:
     return f"{base}/v1/sessions/{session_id}/messages"
 
 
-def assert_problem(response: httpx.Response, status: int, name: str) -> dict:
-    """Assert an RFC 9457 answer of the contract's type ``name``; return its body."""
+def assert_problem(response: httpx.Response, status: int, name: str, *, session_id: str | None = None) -> dict:
+    """Assert an RFC 9457 answer of the contract's type ``name`` (about ``session_id``, if given); return its body."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == PROBLEM
     body = response.json()
     assert body["type"] == PROBLEM_TYPE_BASE + name
     assert body["status"] == status
     assert body["title"] and body["detail"]
+    if session_id is not None:
+        assert body["sessionId"] == session_id
     return body
 
 
