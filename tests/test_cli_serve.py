@@ -11,24 +11,13 @@ lines carrying request and session ids.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.cli import with_default_command
-from tests.support import REPO_ROOT, GatewayProcess, free_port, messages_url
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args], cwd=REPO_ROOT, env={**clean_env, **(env or {})},
-        capture_output=True, text=True, timeout=60,
-    )
+from tests.support import GatewayProcess, free_port, messages_url, run_cli
 
 
 @pytest.mark.parametrize(

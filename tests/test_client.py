@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from app.client import (
 from middleware import Settings
 from middleware._backend import open_storage
 from middleware._storage import LeaseKind
-from tests.support import REPO_ROOT, GatewayProcess, free_port, wait_until
+from tests.support import GatewayProcess, free_port, run_cli, wait_until
 
 TURN_MS = 1500
 TOKEN = "client-test-token"
@@ -238,8 +237,7 @@ def test_waits_follow_the_hint_with_jitter_and_back_off_without_one() -> None:
 
 
 def send_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app", "send", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return run_cli("send", *args)
 
 
 def test_send_command_prints_the_reply_and_uses_exit_codes(gateway: GatewayProcess) -> None:

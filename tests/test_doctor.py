@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from middleware import Settings, TranscriptStore, open_backend
-from tests.support import REPO_ROOT, free_port
+from tests.support import free_port, run_cli
 
 
 def doctor(tmp_path: Path, config: dict | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "app", "doctor", "--config", str(config_path), "--data-dir", str(tmp_path / "data")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", **env},
-    )
+    return run_cli("doctor", "--config", str(config_path), "--data-dir", str(tmp_path / "data"), env=env)
 
 
 def levels(result: subprocess.CompletedProcess[str]) -> dict[str, str]:

@@ -11,14 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, free_port, wait_until
-from tests.workers import HOLDER_STALE_MS, HolderProcess, backend_env
+from tests.support import free_port, run_cli, wait_until
+from tests.workers import HOLDER_STALE_MS, HolderProcess
 
 STALE_MS = HOLDER_STALE_MS
 
@@ -43,10 +42,9 @@ def hold(holders: list[HolderProcess], data_dir: Path, kind: str, session_id: st
 
 def locks(data_dir: Path, *args: str, backend_url: str = "file://") -> subprocess.CompletedProcess[str]:
     action, *rest = args
-    return subprocess.run(
-        [sys.executable, "-m", "app", "locks", action, "--config", str(data_dir.parent / "config.json"),
-         "--data-dir", str(data_dir), *rest],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, env=backend_env(backend_url),
+    return run_cli(
+        "locks", action, "--config", str(data_dir.parent / "config.json"), "--data-dir", str(data_dir), *rest,
+        env={"SESSIONGATE_BACKEND__URL": backend_url}, timeout=30,
     )
 
 def states(data_dir: Path, **options: str) -> dict[tuple[str, str], str]:

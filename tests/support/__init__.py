@@ -62,6 +62,20 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment without SESSIONGATE_* settings (a developer's shell must not leak into a test), plus ``extra``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SESSIONGATE_")}
+    return {**env, **dict(extra or {})}
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m app ARGS`` as an operator runs it: a separate process, a clean environment plus ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], cwd=REPO_ROOT, env=clean_env(env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -127,8 +141,7 @@ class GatewayProcess:
             "--port", str(self.port),
             *(extra_args or []),
         ]
-        self.env = {**os.environ, **dict(env or {})}
-        self.env.pop("SESSIONGATE_CONFIG", None)
+        self.env = clean_env(env)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -17,13 +17,13 @@ from typing import Any
 
 from middleware._backend import Backend, open_backend
 from middleware._config import Settings
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, clean_env
 
-# The storages every strategy test runs against; a new storage is one more entry here.
 
 def settings_for(data_dir: Path, url: str = "file://", **overrides: Any) -> Settings:
     """Settings for a test; ``overrides`` are camelCase sections (``lane={"mode": "queue"}``)."""
     return Settings.load(env={}, overrides={"dataDir": str(data_dir), "backend": {"url": url}, **overrides})
+
 
 def sibling_backends(settings: Settings, count: int = 2) -> list[Backend]:
     """Backends that share one storage as separate processes would (memory: one storage object)."""
@@ -31,6 +31,7 @@ def sibling_backends(settings: Settings, count: int = 2) -> list[Backend]:
     if settings.backend.url.startswith("memory"):
         return [first] + [Backend(first.storage, settings) for _ in range(count - 1)]
     return [first] + [open_backend(settings) for _ in range(count - 1)]
+
 
 def spawn(role: str, settings: Settings, *args: object) -> subprocess.Popen[bytes]:
     """Start a worker process running ``role`` (see ``tests/workers/locker.py``)."""
@@ -60,11 +61,6 @@ def wait_for_report(path: Path | str, worker: subprocess.Popen[bytes], *, timeou
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} not written within {timeout} s")
         time.sleep(0.02)
-
-
-def backend_env(backend_url: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SESSIONGATE_")}
-    return {**env, "SESSIONGATE_BACKEND__URL": backend_url}
 
 
 HOLDER_STALE_MS = 1000
@@ -97,7 +93,7 @@ class HolderProcess:
     ) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-c", HOLDER_SCRIPT, str(data_dir), kind, session_id, str(stale_ms)],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, env=backend_env(backend_url),
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, env=clean_env({"SESSIONGATE_BACKEND__URL": backend_url}),
         )
         assert self.process.stdout is not None
         assert self.process.stdout.readline().strip() == "held"
