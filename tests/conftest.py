@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import redis
 
-from tests.support import REDIS_URL
+from tests.fakes.slack_api import BOT_TOKEN as SLACK_BOT_TOKEN
+from tests.fakes.slack_api import FakeSlackApi
+from tests.fakes.telegram_api import FakeTelegramApi
+from tests.support import REDIS_URL, UvicornThread
 
 
 @pytest.fixture
@@ -36,3 +41,21 @@ def storage_url(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         return request.getfixturevalue("redis_url")
     return request.param
+
+
+@pytest.fixture(scope="module")
+def telegram_api() -> Iterator[FakeTelegramApi]:
+    """A fake Telegram Bot API served on 127.0.0.1 for one test module (tests keep to their own chat ids)."""
+    api = FakeTelegramApi()
+    with UvicornThread(api.app) as server:
+        api.url = server.url
+        yield api
+
+
+@pytest.fixture(scope="module")
+def slack_api() -> Iterator[FakeSlackApi]:
+    """A fake Slack Web API served on 127.0.0.1 for one test module (tests keep to their own channels)."""
+    api = FakeSlackApi(SLACK_BOT_TOKEN)
+    with UvicornThread(api.app) as server:
+        api.url = server.url
+        yield api

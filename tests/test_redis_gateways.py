@@ -25,7 +25,7 @@ import redis
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
-from tests.support import GatewayProcess, UvicornThread, assert_problem, messages_url, wait_for
+from tests.support import GatewayProcess, assert_problem, messages_url, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
@@ -178,19 +178,19 @@ async def test_killed_holder_on_this_host_is_reclaimed_at_once_by_the_other_inst
     assert texts(transcript) == ["next", "next"]
 
 
-async def test_telegram_update_delivered_to_both_instances_is_processed_once(start_pair: StartPair) -> None:
-    api = FakeTelegramApi()
-    with UvicornThread(api.app) as bot_server:
-        api.url = bot_server.url
-        config = {"channels": {"telegram": {"secretToken": SECRET, "apiBase": bot_server.url}},
-                  "providers": [{"id": "echo", "type": "echo", "delayMs": 200}]}
-        a, b = start_pair(config, env={"TELEGRAM_BOT_TOKEN": BOT_TOKEN})
-        body = update(update_id=9001, chat_id=777, text="hello twice")
-        async with httpx.AsyncClient(timeout=10, headers={SECRET_HEADER: SECRET}) as client:
-            acks = await asyncio.gather(*(deliver_like_telegram(client, g.url, body) for g in (a, b, a, b)))
-            await wait_for(lambda: len(api.texts(chat_id=777)) >= 1, timeout=15)
-            await anyio.sleep(1.0)  # a duplicate, if any, would go out meanwhile
-            transcript = await client.get(messages_url(a.url, "telegram:777"))
+async def test_telegram_update_delivered_to_both_instances_is_processed_once(
+    start_pair: StartPair, telegram_api: FakeTelegramApi
+) -> None:
+    api = telegram_api
+    config = {"channels": {"telegram": {"secretToken": SECRET, "apiBase": api.url}},
+              "providers": [{"id": "echo", "type": "echo", "delayMs": 200}]}
+    a, b = start_pair(config, env={"TELEGRAM_BOT_TOKEN": BOT_TOKEN})
+    body = update(update_id=9001, chat_id=777, text="hello twice")
+    async with httpx.AsyncClient(timeout=10, headers={SECRET_HEADER: SECRET}) as client:
+        acks = await asyncio.gather(*(deliver_like_telegram(client, g.url, body) for g in (a, b, a, b)))
+        await wait_for(lambda: len(api.texts(chat_id=777)) >= 1, timeout=15)
+        await anyio.sleep(1.0)  # a duplicate, if any, would go out meanwhile
+        transcript = await client.get(messages_url(a.url, "telegram:777"))
     assert all(ack.status_code == 200 for ack in acks), [ack.text for ack in acks]
     assert sorted(ack.json()["accepted"] for ack in acks) == ["duplicate", "duplicate", "duplicate", "new"]
     assert api.texts(chat_id=777) == ["hello twice"]

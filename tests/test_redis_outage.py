@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
-from tests.support import GatewayProcess, UvicornThread, assert_problem, free_port, messages_url, wait_for, wait_until
+from tests.support import GatewayProcess, assert_problem, free_port, messages_url, wait_for, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
@@ -69,20 +69,12 @@ def dedicated_redis() -> Iterator[DedicatedRedis]:
 
 
 @pytest.fixture
-def bot_api() -> Iterator[FakeTelegramApi]:
-    api = FakeTelegramApi()
-    with UvicornThread(api.app) as server:
-        api.url = server.url
-        yield api
-
-
-@pytest.fixture
-def gateway(tmp_path: Path, dedicated_redis: DedicatedRedis, bot_api: FakeTelegramApi) -> Iterator[GatewayProcess]:
+def gateway(tmp_path: Path, dedicated_redis: DedicatedRedis, telegram_api: FakeTelegramApi) -> Iterator[GatewayProcess]:
     config = {
         "backend": {"url": dedicated_redis.url},
         "providers": [{"id": "echo", "type": "echo", "delayMs": 1_500}],
         "rateLimits": {"perSession": "1000/minute", "perSender": "1000/minute"},
-        "channels": {"telegram": {"secretToken": SECRET, "apiBase": bot_api.url}},
+        "channels": {"telegram": {"secretToken": SECRET, "apiBase": telegram_api.url}},
     }
     with GatewayProcess(tmp_path / "data", config, env={"TELEGRAM_BOT_TOKEN": BOT_TOKEN}) as process:
         yield process
@@ -172,7 +164,7 @@ async def test_redis_restart_mid_turn_neither_loses_nor_doubles_the_turn(
 
 
 async def test_telegram_update_during_an_outage_is_refused_then_processed_once(
-    gateway: GatewayProcess, dedicated_redis: DedicatedRedis, bot_api: FakeTelegramApi
+    gateway: GatewayProcess, dedicated_redis: DedicatedRedis, telegram_api: FakeTelegramApi
 ) -> None:
     body = update(update_id=7001, chat_id=4242, text="sent while Redis was down")
     async with httpx.AsyncClient(timeout=20, headers={SECRET_HEADER: SECRET}) as client:
@@ -185,12 +177,12 @@ async def test_telegram_update_during_an_outage_is_refused_then_processed_once(
         dedicated_redis.start()
         await wait_ready(client, gateway)
         accepted = await deliver_like_telegram(client, gateway.url, body)
-        await wait_for(lambda: len(bot_api.texts(chat_id=4242)) >= 1, timeout=15)
+        await wait_for(lambda: len(telegram_api.texts(chat_id=4242)) >= 1, timeout=15)
         again = await deliver_like_telegram(client, gateway.url, body)
         await asyncio.sleep(0.5)  # a second reply, if any, would go out meanwhile
         transcript = (await client.get(messages_url(gateway.url, "telegram:4242"))).json()["messages"]
 
     assert accepted.status_code == 200 and accepted.json()["accepted"] == "new"
     assert again.status_code == 200 and again.json()["accepted"] == "duplicate"
-    assert bot_api.texts(chat_id=4242) == ["sent while Redis was down"]
+    assert telegram_api.texts(chat_id=4242) == ["sent while Redis was down"]
     assert [r["role"] for r in transcript] == ["user", "assistant"]

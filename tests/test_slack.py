@@ -21,23 +21,14 @@ import pytest
 
 from app._server import create_app
 from middleware import Settings, open_backend
-from tests.fakes.slack_api import FakeSlackApi
+from tests.fakes.slack_api import BOT_TOKEN, FakeSlackApi
 from tests.support import GatewayProcess, UvicornThread, transcript
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
-BOT_TOKEN = "xoxb-fake-bot-token"
 BOT_USER = "UBOT"
 TEAM = "T0001"
 ENV = {"SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_BOT_TOKEN": BOT_TOKEN}
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture(scope="module")
-def slack_api() -> Iterator[FakeSlackApi]:
-    api = FakeSlackApi(BOT_TOKEN)
-    with UvicornThread(api.app) as server:
-        api.url = server.url
-        yield api
 
 
 @pytest.fixture(scope="module")

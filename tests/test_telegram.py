@@ -32,17 +32,9 @@ def gateway_config(api_base: str, *, delay_ms: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def bot_api() -> Iterator[FakeTelegramApi]:
-    api = FakeTelegramApi()
-    with UvicornThread(api.app) as server:
-        api.url = server.url
-        yield api
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, bot_api: FakeTelegramApi) -> Iterator[GatewayProcess]:
+def gateway(tmp_path_factory: pytest.TempPathFactory, telegram_api: FakeTelegramApi) -> Iterator[GatewayProcess]:
     data_dir = tmp_path_factory.mktemp("telegram") / "data"
-    with GatewayProcess(data_dir, gateway_config(bot_api.url, delay_ms=800), env=ENV) as process:
+    with GatewayProcess(data_dir, gateway_config(telegram_api.url, delay_ms=800), env=ENV) as process:
         yield process
 
 
@@ -87,12 +79,12 @@ def test_update_without_text_is_acknowledged_and_ignored(gateway: GatewayProcess
 
 
 def test_same_update_three_times_is_stored_and_answered_once(
-    gateway: GatewayProcess, bot_api: FakeTelegramApi
+    gateway: GatewayProcess, telegram_api: FakeTelegramApi
 ) -> None:
     answers = [post_update(gateway.url, update(100, 13, "only once")) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.json()["accepted"] for a in answers] == ["new", "duplicate", "duplicate"]
-    assert bot_api.wait_for_texts(1, chat_id=13) == ["only once"]
+    assert telegram_api.wait_for_texts(1, chat_id=13) == ["only once"]
     records = chat_transcript(gateway, 13)
     assert [(r["role"], r["text"]) for r in records] == [("user", "only once"), ("assistant", "only once")]
     assert records[0]["externalId"] == "telegram:100" and records[1]["replyTo"] == records[0]["id"]
@@ -100,7 +92,7 @@ def test_same_update_three_times_is_stored_and_answered_once(
 
 @pytest.mark.anyio
 async def test_concurrent_copies_of_one_update_store_it_once(
-    gateway: GatewayProcess, bot_api: FakeTelegramApi
+    gateway: GatewayProcess, telegram_api: FakeTelegramApi
 ) -> None:
     statuses: list[int] = []
     async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
@@ -114,13 +106,13 @@ async def test_concurrent_copies_of_one_update_store_it_once(
             for _ in range(4):
                 group.start_soon(post)
     assert 200 in statuses and set(statuses) <= {200, 429}  # a copy racing the first may be told to retry
-    assert await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(1, chat_id=14)) == ["racing copies"]
+    assert await anyio.to_thread.run_sync(lambda: telegram_api.wait_for_texts(1, chat_id=14)) == ["racing copies"]
     assert [r["role"] for r in chat_transcript(gateway, 14)] == ["user", "assistant"]
 
 
 @pytest.mark.anyio
 async def test_updates_arriving_during_a_turn_wait_and_run_in_update_id_order(
-    gateway: GatewayProcess, bot_api: FakeTelegramApi
+    gateway: GatewayProcess, telegram_api: FakeTelegramApi
 ) -> None:
     chat_id = 15
     async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
@@ -136,18 +128,18 @@ async def test_updates_arriving_during_a_turn_wait_and_run_in_update_id_order(
             for update_id in (204, 201, 205, 203, 202):
                 group.start_soon(post, update_id)
     expected = [f"m{n}" for n in range(200, 206)]
-    assert await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(6, chat_id=chat_id)) == expected
+    assert await anyio.to_thread.run_sync(lambda: telegram_api.wait_for_texts(6, chat_id=chat_id)) == expected
     records = chat_transcript(gateway, chat_id)
     replies = [r for r in records if r["role"] == "assistant"]
     assert [r["text"] for r in replies] == expected
     assert len({r["replyTo"] for r in replies}) == 6
 
 
-def test_telegram_429_from_send_message_is_honoured(gateway: GatewayProcess, bot_api: FakeTelegramApi) -> None:
-    bot_api.throttle_next(1, retry_after_s=1)
+def test_telegram_429_from_send_message_is_honoured(gateway: GatewayProcess, telegram_api: FakeTelegramApi) -> None:
+    telegram_api.throttle_next(1, retry_after_s=1)
     assert post_update(gateway.url, update(300, 16, "after a pause")).status_code == 200
-    assert bot_api.wait_for_texts(1, chat_id=16) == ["after a pause"]
-    calls = [call for call in bot_api.calls if call.body.get("chat_id") == 16]
+    assert telegram_api.wait_for_texts(1, chat_id=16) == ["after a pause"]
+    calls = [call for call in telegram_api.calls if call.body.get("chat_id") == 16]
     assert [call.throttled for call in calls] == [True, False]
     assert calls[1].at - calls[0].at >= 1.0  # the retry came after Telegram's retry_after
     assert calls[1].path == f"/bot{BOT_TOKEN}/sendMessage"
@@ -155,7 +147,7 @@ def test_telegram_429_from_send_message_is_honoured(gateway: GatewayProcess, bot
 
 @pytest.mark.anyio
 async def test_busy_write_lock_answers_429_with_integer_retry_after_and_the_retry_is_processed(
-    gateway: GatewayProcess, bot_api: FakeTelegramApi
+    gateway: GatewayProcess, telegram_api: FakeTelegramApi
 ) -> None:
     settings = Settings(data_dir=gateway.data_dir)
     backend = open_backend(settings)
@@ -169,14 +161,14 @@ async def test_busy_write_lock_answers_429_with_integer_retry_after_and_the_retr
     assert busy.json()["type"].endswith("session-busy")
     retried = await anyio.to_thread.run_sync(post_update, gateway.url, update(400, 17, "retried"))
     assert retried.status_code == 200 and retried.json()["accepted"] == "new"
-    assert await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(1, chat_id=17)) == ["retried"]
+    assert await anyio.to_thread.run_sync(lambda: telegram_api.wait_for_texts(1, chat_id=17)) == ["retried"]
 
 
 def test_kill_9_after_the_ack_loses_nothing_and_the_reply_goes_out_once(
-    tmp_path: Path, bot_api: FakeTelegramApi
+    tmp_path: Path, telegram_api: FakeTelegramApi
 ) -> None:
     chat_id = 18
-    config = gateway_config(bot_api.url, delay_ms=2_000)
+    config = gateway_config(telegram_api.url, delay_ms=2_000)
     first = GatewayProcess(tmp_path / "data", config, env=ENV).start()
     try:
         assert post_update(first.url, update(500, chat_id, "survives")).status_code == 200
@@ -184,18 +176,18 @@ def test_kill_9_after_the_ack_loses_nothing_and_the_reply_goes_out_once(
         assert first.process is not None and first.process.wait(timeout=10) == -signal.SIGKILL
     finally:
         first.stop()
-    assert bot_api.texts(chat_id=chat_id) == []
+    assert telegram_api.texts(chat_id=chat_id) == []
     with GatewayProcess(tmp_path / "data", config, env=ENV) as second:
-        assert bot_api.wait_for_texts(1, chat_id=chat_id) == ["survives"]
+        assert telegram_api.wait_for_texts(1, chat_id=chat_id) == ["survives"]
         again = post_update(second.url, update(500, chat_id, "survives"))  # Telegram's retry after the crash
         assert again.status_code == 200 and again.json()["accepted"] == "duplicate"
-        assert bot_api.wait_for_texts(1, chat_id=chat_id) == ["survives"]
+        assert telegram_api.wait_for_texts(1, chat_id=chat_id) == ["survives"]
         assert [r["role"] for r in chat_transcript(second, chat_id)] == ["user", "assistant"]
 
 
 @pytest.mark.anyio
 async def test_crash_after_append_before_dedupe_record_neither_loses_nor_doubles(
-    tmp_path: Path, bot_api: FakeTelegramApi
+    tmp_path: Path, telegram_api: FakeTelegramApi
 ) -> None:
     """The state a crash between the durable append and the dedupe record leaves: the retry is a duplicate."""
     chat_id = 19
@@ -209,20 +201,20 @@ async def test_crash_after_append_before_dedupe_record_neither_loses_nor_doubles
         )
     finally:
         await backend.aclose()
-    with GatewayProcess(tmp_path / "data", gateway_config(bot_api.url, delay_ms=0), env=ENV) as gateway:
+    with GatewayProcess(tmp_path / "data", gateway_config(telegram_api.url, delay_ms=0), env=ENV) as gateway:
         retry = await anyio.to_thread.run_sync(post_update, gateway.url, update(600, chat_id, "half done"))
         assert retry.status_code == 200 and retry.json()["accepted"] == "duplicate"
-        assert await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(1, chat_id=chat_id)) == ["half done"]
+        assert await anyio.to_thread.run_sync(lambda: telegram_api.wait_for_texts(1, chat_id=chat_id)) == ["half done"]
         assert [r["role"] for r in chat_transcript(gateway, chat_id)] == ["user", "assistant"]
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("backend", ["file", pytest.param("redis", marks=pytest.mark.redis)])
 async def test_two_gateway_processes_sharing_the_sessions_process_each_update_once(
-    tmp_path: Path, bot_api: FakeTelegramApi, backend: str, request: pytest.FixtureRequest
+    tmp_path: Path, telegram_api: FakeTelegramApi, backend: str, request: pytest.FixtureRequest
 ) -> None:
     chat_id = 20 if backend == "file" else 21
-    config = gateway_config(bot_api.url, delay_ms=200)
+    config = gateway_config(telegram_api.url, delay_ms=200)
     if backend == "redis":
         config["backend"] = {"url": request.getfixturevalue("redis_url")}
     update_ids = range(700, 710)
@@ -244,16 +236,16 @@ async def test_two_gateway_processes_sharing_the_sessions_process_each_update_on
             async with anyio.create_task_group() as group:
                 for update_id in update_ids:
                     group.start_soon(post, update_id)
-        texts = await anyio.to_thread.run_sync(lambda: bot_api.wait_for_texts(len(update_ids), chat_id=chat_id))
+        texts = await anyio.to_thread.run_sync(lambda: telegram_api.wait_for_texts(len(update_ids), chat_id=chat_id))
         records = chat_transcript(one, chat_id)
     assert sorted(texts) == sorted(f"m{n}" for n in update_ids)  # each once, none twice
     assert sorted(r["text"] for r in records if r["role"] == "assistant") == sorted(texts)
 
 
 def test_a_missing_bot_token_fails_delivery_for_good_but_keeps_the_turn(
-    tmp_path: Path, bot_api: FakeTelegramApi
+    tmp_path: Path, telegram_api: FakeTelegramApi
 ) -> None:
-    config = gateway_config(bot_api.url, delay_ms=0)
+    config = gateway_config(telegram_api.url, delay_ms=0)
     config["channels"]["telegram"]["botTokenEnv"] = "SESSIONGATE_TEST_UNSET_BOT_TOKEN"
     chat_id = 22
     with GatewayProcess(tmp_path / "data", config) as gateway:
@@ -263,4 +255,4 @@ def test_a_missing_bot_token_fails_delivery_for_good_but_keeps_the_turn(
             lambda: "SESSIONGATE_TEST_UNSET_BOT_TOKEN (the bot token) is not set" in gateway.log(),
             timeout=10, what="the delivery failure logged",
         )
-    assert bot_api.texts(chat_id=chat_id) == []  # given up at once: no retries against the API
+    assert telegram_api.texts(chat_id=chat_id) == []  # given up at once: no retries against the API

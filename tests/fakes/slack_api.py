@@ -16,6 +16,9 @@ from starlette.routing import Route
 from tests.fakes.telegram_api import RecordingApi
 
 
+BOT_TOKEN = "xoxb-fake-bot-token"
+
+
 class FakeSlackApi(RecordingApi):
     """``POST /chat.postMessage``; ``texts()`` lists what was delivered."""
 
