@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import redis
 
 from middleware._config import Settings
 from middleware._errors import BackendUnavailable, RateLimited
+from middleware import _window_counts
 from middleware._ratelimit import RateLimits, is_shared
+from middleware._window_counts import LazyMemoryStorage
 from tests.support import free_port
 
 
@@ -114,3 +118,31 @@ async def test_retry_after_is_when_the_oldest_request_leaves_the_window(
         await limits.hit(session_id="s1", sender=None)  # honouring Retry-After is enough
     finally:
         await limits.aclose()
+
+
+@pytest.mark.anyio
+async def test_in_process_counts_start_no_thread_and_no_task() -> None:
+    """limits' own memory storages expire keys in a timer thread or a per-turn task; ours does neither."""
+    threads, tasks = threading.active_count(), len(asyncio.all_tasks())
+    limits = RateLimits(_settings(perSession="1000/minute", perSender="1000/minute"))
+    for number in range(200):
+        await limits.hit(session_id=f"s{number % 20}", sender=f"10.0.0.{number % 7}")
+        await asyncio.sleep(0)
+    assert (threading.active_count(), len(asyncio.all_tasks())) == (threads, tasks)
+
+
+@pytest.mark.anyio
+async def test_lazy_memory_storage_restarts_windows_and_sweeps_forgotten_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_window_counts, "SWEEP_INTERVAL_S", 0.05)
+    storage = LazyMemoryStorage()
+    assert [await storage.incr("k", 0.1) for _ in range(3)] == [1, 2, 3]
+    assert await storage.get("k") == 3
+    assert time.time() < await storage.get_expiry("k") <= time.time() + 0.1
+    for number in range(1_000):
+        await storage.incr(f"once-{number}", 0.05)
+    assert len(storage) == 1_001
+    await asyncio.sleep(0.15)  # every window is over and a sweep is due
+    assert (await storage.get("k"), await storage.get("once-1")) == (0, 0)
+    assert await storage.incr("k", 0.1) == 1  # a new window
+    assert len(storage) == 1  # the sweep dropped every expired key
+    assert await storage.reset() == 1 and len(storage) == 0
