@@ -213,31 +213,28 @@ class RedisStorage(LeaseStorage):
     # leases
 
     async def try_acquire(self, kind: LeaseKind, session_id: str, *, stale_ms: int) -> RedisLease | None:
-        lease = await self._try_take(kind, session_id, stale_ms=stale_ms, replacing="")
-        if lease is not None:
-            return lease
-        seen = await self._get(self.keys.lease(kind, session_id))
-        if seen is None:  # released in between: one more plain attempt
-            return await self._try_take(kind, session_id, stale_ms=stale_ms, replacing="")
-        _, holder = _parse_lease_value(seen)
-        if holder.state(stale_ms) is HolderState.DEAD_PID:  # a silent holder elsewhere expires by TTL
-            return await self._try_take(
-                kind, session_id, stale_ms=stale_ms, replacing=seen, reclaimed=HolderState.DEAD_PID
-            )
-        return None
+        taken = await self._try_take(kind, session_id, stale_ms=stale_ms, replacing="")
+        if isinstance(taken, RedisLease):
+            return taken
+        _, holder = _parse_lease_value(taken)
+        if holder.state(stale_ms) is not HolderState.DEAD_PID:  # a silent holder elsewhere expires by TTL
+            return None
+        taken = await self._try_take(kind, session_id, stale_ms=stale_ms, replacing=taken, reclaimed=HolderState.DEAD_PID)
+        return taken if isinstance(taken, RedisLease) else None
 
     async def _try_take(self, kind: LeaseKind, session_id: str, *, stale_ms: int, replacing: str,
-                        reclaimed: HolderState | None = None) -> RedisLease | None:
+                        reclaimed: HolderState | None = None) -> RedisLease | str:
+        """The lease, or the value of the lease someone else holds (acquire.lua returns it, saving a GET)."""
         token = secrets.token_hex(16)
         holder = Holder.for_this_process(session_id, kind)
-        fence = await self._run(
+        outcome = await self._run(
             self._acquire,
             keys=[self.keys.lease(kind, session_id), self.keys.fence(session_id)],
             args=[token, _holder_head(holder), stale_ms, replacing, "1" if kind is LeaseKind.LANE else "0"],
         )
-        if fence is None:
-            return None
-        return RedisLease(self, self.keys.lease(kind, session_id), token, replace(holder, fence=int(fence)),
+        if isinstance(outcome, str):
+            return outcome
+        return RedisLease(self, self.keys.lease(kind, session_id), token, replace(holder, fence=int(outcome)),
                           stale_ms, reclaimed=reclaimed)
 
     async def current_fence(self, session_id: str) -> int:

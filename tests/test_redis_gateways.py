@@ -23,6 +23,8 @@ import httpx
 import pytest
 import redis
 
+from middleware._redis import _Keys
+from middleware._storage import LeaseKind
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import GatewayProcess, assert_problem, messages_url, wait_for
@@ -60,7 +62,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 def lane_holder_pid(client: redis.Redis, session_id: str) -> int | None:
-    value = client.get(f"{KEY_PREFIX}:{{{session_id}}}:lease:lane")
+    value = client.get(_Keys(KEY_PREFIX).lease(LeaseKind.LANE, session_id))
     return None if value is None else json.loads(value.partition(" ")[2])["pid"]
 
 

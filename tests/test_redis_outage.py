@@ -17,6 +17,8 @@ import httpx
 import pytest
 import redis
 
+from middleware._redis import _Keys
+from middleware._storage import LeaseKind
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import GatewayProcess, assert_problem, free_port, messages_url, wait_for, wait_until
 
@@ -83,7 +85,7 @@ def gateway(tmp_path: Path, dedicated_redis: DedicatedRedis, telegram_api: FakeT
 def lane_is_held(server: DedicatedRedis, session_id: str) -> bool:
     client = server.client()
     try:
-        return client.exists(f"sessiongate:{{{session_id}}}:lease:lane") == 1
+        return client.exists(_Keys("sessiongate").lease(LeaseKind.LANE, session_id)) == 1
     finally:
         client.close()
 

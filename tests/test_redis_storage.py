@@ -198,7 +198,8 @@ async def test_a_retried_acquire_whose_reply_was_lost_finds_its_own_lease(storag
     args = ["token-1", '{"sessionId": "s1"', LONG_MS, "", "1"]
     first = await storage._run(storage._acquire, keys=keys, args=args)
     assert await storage._run(storage._acquire, keys=keys, args=args) == first
-    assert await storage._run(storage._acquire, keys=keys, args=["token-2", *args[1:]]) is None
+    refused = await storage._run(storage._acquire, keys=keys, args=["token-2", *args[1:]])
+    assert refused == f'token-1 {{"sessionId": "s1", "fence": {first}}}'  # the holder's value, for judging it
 
 
 # takeover of dead and silent holders

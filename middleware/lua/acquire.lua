@@ -12,7 +12,8 @@
 -- ARGV[1] token              ARGV[2] holder JSON without its closing "}" and fence
 -- ARGV[3] time to live (ms)  ARGV[4] reclaimable value to replace ("" for none)
 -- ARGV[5] "1" to issue a fencing token, "0" for none
--- Returns the fence (0 without one), or false when someone else holds the lease.
+-- Returns the fence (0 without one), or, when someone else holds the lease, its
+-- current value (a string), so the caller can judge that holder without a GET.
 local current = redis.call('GET', KEYS[1])
 if current then
   if string.sub(current, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
@@ -20,7 +21,7 @@ if current then
     return tonumber(string.match(current, '"fence": (%d+)}$'))
   end
   if current ~= ARGV[4] then
-    return false
+    return current
   end
 end
 local fence = 0
