@@ -34,6 +34,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -59,10 +60,15 @@ from ._storage import (
 )
 from ._waiting import Backoff
 
+logger = logging.getLogger(__name__)
+
 _FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | _FLAGS
 _MAX_ATTEMPTS = 4  # re-opens after finding the file replaced or broken meanwhile
 _GUARD_WAIT_S = 2.0  # longest wait for a guard flock (held for microseconds by live processes)
+SWEEP_INTERVAL_S = 60.0  # how often a process sweeps expired records
+_TEMP_PREFIX = ".tmp-"
+_ORPHAN_AGE_S = 3600.0  # a temp file this old was left by a crash mid-write
 
 
 class LockPathAttack(SessionGateError):
@@ -199,35 +205,53 @@ class _FileLease(StoredLease):
 
 
 class FileRecords(RecordStorage):
-    """One JSON file per key (named by the key's hash) with its expiry; guard flocks striped by hash."""
+    """One JSON file per key (named by the key's hash) with its expiry; guard flocks striped by hash.
+
+    A record's file carries its expiry as its mtime too, so a sweep finds the
+    expired ones with one ``stat`` each, without opening them. Records nobody
+    reads again (most idempotency keys and webhook dedupe ids) would otherwise
+    pile up for ever; ``add`` and ``put`` start a sweep in a worker thread at
+    most every :data:`SWEEP_INTERVAL_S`.
+    """
 
     def __init__(self, folder: Path) -> None:
         _ensure_dir(folder)
         self._folder = folder
+        self._next_sweep_at = 0.0
+        self._sweeping: asyncio.Task[None] | None = None
 
     def _paths(self, key: str) -> tuple[str, str]:
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return str(self._folder / f"{digest}.json"), str(self._folder / f".guard-{digest[:2]}")
+        return str(self._folder / f"{digest}.json"), self._guard_path(digest)
+
+    def _guard_path(self, name: str) -> str:
+        return str(self._folder / f".guard-{name[:2]}")
 
     @staticmethod
-    def _load(path: str) -> dict[str, Any] | None:
+    def _read(path: str) -> dict[str, Any] | None:
+        """The entry at ``path``, expired or not; ``None`` if there is none or it is not JSON."""
         try:
             fd = os.open(path, os.O_RDONLY | _FLAGS)
         except FileNotFoundError:
             return None
         try:
-            entry = json.loads(os.read(fd, os.fstat(fd).st_size or 1))
+            return json.loads(os.read(fd, os.fstat(fd).st_size or 1))
         except ValueError:
             return None
         finally:
             os.close(fd)
-        return entry if entry["expiresAt"] > time.time() else None
+
+    def _load(self, path: str) -> dict[str, Any] | None:
+        entry = self._read(path)
+        return entry if entry is not None and entry["expiresAt"] > time.time() else None
 
     def _store(self, path: str, key: str, value: dict[str, Any], ttl_ms: int) -> None:
-        entry = {"key": key, "expiresAt": time.time() + ttl_ms / 1000, "value": value}
-        fd, temp = tempfile.mkstemp(dir=self._folder, prefix=".tmp-")
+        expires_at = time.time() + ttl_ms / 1000
+        entry = {"key": key, "expiresAt": expires_at, "value": value}
+        fd, temp = tempfile.mkstemp(dir=self._folder, prefix=_TEMP_PREFIX)
         try:
             os.write(fd, json.dumps(entry).encode())
+            os.utime(fd, (expires_at, expires_at))
         finally:
             os.close(fd)
         os.replace(temp, path)
@@ -239,9 +263,10 @@ class FileRecords(RecordStorage):
             if self._load(path) is not None:
                 return False
             self._store(path, key, value, ttl_ms)
-            return True
         finally:
             os.close(guard_fd)
+        self._sweep_if_due()
+        return True
 
     async def get(self, key: str) -> dict[str, Any] | None:
         entry = self._load(self._paths(key)[0])
@@ -254,12 +279,59 @@ class FileRecords(RecordStorage):
             self._store(path, key, value, ttl_ms)
         finally:
             os.close(guard_fd)
+        self._sweep_if_due()
 
     async def delete(self, key: str) -> None:
+        _unlink_quietly(self._paths(key)[0])
+
+    async def finish_sweeping(self) -> None:
+        """Wait for a sweep in progress (on shutdown, so no thread outlives the event loop)."""
+        if self._sweeping is not None:
+            await self._sweeping
+
+    def _sweep_if_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep_at or (self._sweeping is not None and not self._sweeping.done()):
+            return
+        self._next_sweep_at = now + SWEEP_INTERVAL_S
+        self._sweeping = asyncio.get_running_loop().create_task(self._sweep_in_background())
+
+    async def _sweep_in_background(self) -> None:
         try:
-            os.unlink(self._paths(key)[0])
-        except FileNotFoundError:
-            pass
+            await asyncio.to_thread(self.sweep)
+        except OSError:  # a full disk or lost permissions: the next sweep tries again
+            logger.warning("sweeping expired records in %s failed", self._folder, exc_info=True)
+
+    def sweep(self) -> int:
+        """Delete the expired records (and temp files a crash left); how many records went.
+
+        Safe beside other processes: each file is judged again under its
+        stripe's guard flock, by its content, before it is unlinked.
+        """
+        now = time.time()
+        with os.scandir(self._folder) as entries:
+            overdue = [
+                (entry.name, entry.stat(follow_symlinks=False).st_mtime) for entry in entries
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime <= now
+            ]
+        removed = 0
+        for name, mtime in overdue:
+            if name.endswith(".json"):
+                removed += self._remove_if_expired(name, now)
+            elif name.startswith(_TEMP_PREFIX) and mtime < now - _ORPHAN_AGE_S:
+                _unlink_quietly(str(self._folder / name))
+        return removed
+
+    def _remove_if_expired(self, name: str, now: float) -> int:
+        path = str(self._folder / name)
+        with _guard(self._guard_path(name)) as guarded:
+            if not guarded:
+                return 0  # being written right now: the next sweep looks again
+            entry = self._read(path)
+            if entry is not None and entry.get("expiresAt", 0) > now:
+                return 0  # replaced meanwhile, or written before records carried their expiry as mtime
+            _unlink_quietly(path)
+            return 1
 
 
 class FileStorage(LeaseStorage):
@@ -518,6 +590,7 @@ class FileStorage(LeaseStorage):
     async def aclose(self) -> None:
         for ticket in list(self._tickets):
             await self.leave_queue(ticket)
+        await self.records.finish_sweeping()
 
 
 def _unlink_quietly(path: str) -> None:

@@ -24,6 +24,8 @@ from ._storage import (
     Ticket,
 )
 
+SWEEP_INTERVAL_S = 1.0  # how often ``put`` drops expired records
+
 
 class _MemoryLease(StoredLease):
     def __init__(self, storage: MemoryStorage, holder: Holder) -> None:
@@ -45,10 +47,20 @@ class _MemoryLease(StoredLease):
 
 
 class MemoryRecords(RecordStorage):
-    """TTL records in a dict; values are copied in and out, as a real store would."""
+    """TTL records in a dict; values are copied in and out, as a real store would.
+
+    Expired records are dropped when touched, and by a sweep that ``put`` runs
+    at most every :data:`SWEEP_INTERVAL_S`, so keys nobody reads again do not
+    pile up in a long-running process.
+    """
 
     def __init__(self) -> None:
         self._records: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._next_sweep_at = 0.0
+
+    def __len__(self) -> int:
+        """How many records are held (expired ones included until the next sweep)."""
+        return len(self._records)
 
     def _live(self, key: str) -> dict[str, Any] | None:
         entry = self._records.get(key)
@@ -70,10 +82,19 @@ class MemoryRecords(RecordStorage):
         return None if value is None else copy.deepcopy(value)
 
     async def put(self, key: str, value: dict[str, Any], *, ttl_ms: int) -> None:
-        self._records[key] = (time.monotonic() + ttl_ms / 1000, copy.deepcopy(value))
+        now = time.monotonic()
+        if now >= self._next_sweep_at:
+            self._sweep(now)
+        self._records[key] = (now + ttl_ms / 1000, copy.deepcopy(value))
 
     async def delete(self, key: str) -> None:
         self._records.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        expired = [key for key, (expires_at, _) in self._records.items() if expires_at <= now]
+        for key in expired:
+            del self._records[key]
+        self._next_sweep_at = now + SWEEP_INTERVAL_S
 
 
 @dataclasses.dataclass

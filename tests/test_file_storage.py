@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from middleware._errors import BackendUnavailable
-from middleware._file import FileStorage, LockPathAttack
+from middleware import _file
+from middleware._file import FileRecords, FileStorage, LockPathAttack
 from middleware._storage import HolderState, LeaseKind
 from tests.support import wait_until
 from tests.workers import settings_for, spawn, wait_for_report
@@ -122,3 +127,43 @@ async def test_a_lock_path_that_cannot_be_opened_reads_as_backend_unavailable(st
     (storage.locks_dir / "s.write").mkdir()  # EISDIR, as a broken disk or mount would give an OSError
     with pytest.raises(BackendUnavailable):
         await storage.try_acquire(LeaseKind.WRITE, "s", stale_ms=30_000)
+
+
+async def test_expired_records_are_swept_by_mtime_and_live_ones_kept(tmp_path: Path) -> None:
+    records = FileRecords(tmp_path / "records")
+    for number in range(50):
+        await records.put(f"gone-{number}", {"n": number}, ttl_ms=50)
+    await records.put("kept", {"n": "kept"}, ttl_ms=60_000)
+    await records.finish_sweeping()
+    written_before = tmp_path / "records" / "old-format.json"  # expiry in content only, mtime long past
+    written_before.write_text(json.dumps({"key": "old", "expiresAt": time.time() + 60, "value": {}}))
+    os.utime(written_before, (1, 1))
+    orphan = tmp_path / "records" / ".tmp-crashed"
+    orphan.write_text("{")
+    os.utime(orphan, (1, 1))
+    time.sleep(0.1)
+
+    assert records.sweep() == 50
+    assert sorted(p.name for p in (tmp_path / "records").iterdir() if not p.name.startswith(".guard-")) == sorted(
+        ["old-format.json", _record_name("kept")]
+    )
+    assert await records.get("kept") == {"n": "kept"}
+
+
+async def test_put_starts_a_background_sweep_at_most_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_file, "SWEEP_INTERVAL_S", 0.2)
+    records = FileRecords(tmp_path / "records")
+    for number in range(20):
+        await records.put(f"k{number}", {}, ttl_ms=20)
+    await records.finish_sweeping()
+    await asyncio.sleep(0.25)  # the records expired and a sweep is due
+    await records.add("fresh", {}, ttl_ms=60_000)
+    await records.finish_sweeping()
+    names = [p.name for p in (tmp_path / "records").iterdir() if p.name.endswith(".json")]
+    assert names == [_record_name("fresh")]
+
+
+def _record_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest() + ".json"

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from middleware import _memory
 from middleware._backend import open_storage
+from middleware._memory import MemoryRecords
 from middleware._storage import HolderState, LeaseKind, LeaseStorage
 from tests.workers import settings_for
 
@@ -98,3 +100,15 @@ async def test_holders_and_break_lease_of_a_stale_holder(storage: LeaseStorage) 
     await lease.release()  # the broken holder's release leaves the taker alone
     assert await storage.try_acquire(LeaseKind.LANE, "s", stale_ms=30_000) is None
     await taker.release()
+
+
+async def test_memory_records_nobody_reads_again_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_memory, "SWEEP_INTERVAL_S", 0.05)
+    records = MemoryRecords()
+    for number in range(1_000):
+        await records.put(f"once-{number}", {"n": number}, ttl_ms=20)
+    assert len(records) == 1_000
+    await asyncio.sleep(0.1)
+    await records.put("fresh", {}, ttl_ms=60_000)
+    assert len(records) == 1
+    assert await records.get("fresh") == {}
