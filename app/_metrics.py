@@ -3,6 +3,8 @@
 Provider calls are counted per provider and outcome, failures per reason, so
 a dashboard tells a slow or failing model apart from session contention
 (which never shows up here: lock and lane errors are not provider errors).
+Channel series show platform retries arriving (``duplicate``) and replies
+that could not be delivered.
 """
 
 from __future__ import annotations
@@ -22,4 +24,17 @@ PROVIDER_SECONDS = Histogram(
 )
 ALL_PROVIDERS_FAILED = Counter(
     "sessiongate_all_providers_failed_total", "Turns for which every provider failed"
+)
+CHANNEL_MESSAGES = Counter(
+    "sessiongate_channel_messages_total",
+    "Inbound chat-platform messages, by channel and outcome (new / duplicate / in-progress / spooled)",
+    ["channel", "outcome"],
+)
+CHANNEL_DELIVERIES = Counter(
+    "sessiongate_channel_deliveries_total", "Replies handed to a chat platform, by channel and outcome (sent / failed)",
+    ["channel", "outcome"],
+)
+CHANNEL_DELIVERY_RETRIES = Counter(
+    "sessiongate_channel_delivery_retries_total",
+    "Reply sends retried after a platform 429, 5xx or network error, by channel", ["channel"],
 )

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import GatewayProcess, free_port
+from tests.support import GatewayProcess, free_port, metric_value, scrape_metrics
 from tests.workers import HolderProcess
 
 TURN_MS = 600
@@ -34,7 +33,6 @@ SERIES = {
     "sessiongate_provider_calls": "counter",
     "sessiongate_provider_failures": "counter",
 }
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def gateway_config() -> dict:
@@ -51,25 +49,6 @@ def gateway_config() -> dict:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     with GatewayProcess(tmp_path_factory.mktemp("metrics") / "data", gateway_config()) as process:
         yield process
-
-
-def scrape(gateway: GatewayProcess) -> tuple[dict[str, str], Samples]:
-    """``({family: type}, {(sample name, labels): value})`` from one scrape."""
-    response = httpx.get(f"{gateway.url}/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    families: dict[str, str] = {}
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        families[family.name] = family.type
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return families, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
-    wanted = set(labels.items())
-    return sum(v for (sample, sample_labels), v in samples.items() if sample == name and wanted <= sample_labels)
 
 
 def post(gateway: GatewayProcess, session_id: str, text: str) -> httpx.Response:
@@ -94,13 +73,13 @@ def concurrent_posts(gateway: GatewayProcess, session_id: str, count: int) -> li
 
 
 def test_every_series_is_exposed(gateway: GatewayProcess) -> None:
-    families, _ = scrape(gateway)
+    families, _ = scrape_metrics(gateway.url)
     missing = {name: kind for name, kind in SERIES.items() if families.get(name) != kind}
     assert not missing, f"missing or mistyped series: {missing}"
 
 
 def test_series_move_with_traffic(gateway: GatewayProcess, tmp_path: Path) -> None:
-    _, before = scrape(gateway)
+    _, before = scrape_metrics(gateway.url)
 
     assert post(gateway, "metrics:failover", "hello").json()["reply"]["provider"] == "echo"
     statuses = concurrent_posts(gateway, "metrics:busy", 3)
@@ -112,10 +91,10 @@ def test_series_move_with_traffic(gateway: GatewayProcess, tmp_path: Path) -> No
     holder.kill()
     assert post(gateway, "metrics:dead", "after the crash").status_code == 200
 
-    _, after = scrape(gateway)
+    _, after = scrape_metrics(gateway.url)
 
     def moved(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert moved("sessiongate_lane_wait_seconds_count") >= 4
     assert moved("sessiongate_write_lock_hold_seconds_count") >= 4
@@ -127,8 +106,8 @@ def test_series_move_with_traffic(gateway: GatewayProcess, tmp_path: Path) -> No
     assert moved("sessiongate_provider_failures_total", provider="broken") >= 1
     assert moved("sessiongate_provider_failures_total", provider="echo") == 0  # contention is no provider error
     assert moved("sessiongate_takeovers_total", kind="lane", reason="dead-pid") == 1
-    assert value(after, "sessiongate_queue_depth") == 0
-    assert value(after, "sessiongate_fencing_refusals_total") == 0
+    assert metric_value(after, "sessiongate_queue_depth") == 0
+    assert metric_value(after, "sessiongate_fencing_refusals_total") == 0
 
 
 def test_counts_add_up_across_workers(tmp_path: Path) -> None:
@@ -139,5 +118,5 @@ def test_counts_add_up_across_workers(tmp_path: Path) -> None:
         for number in range(sent):
             assert post(gateway, f"workers:{number}", "hi").status_code == 200
         for _ in range(4):  # the scrapes land on either worker
-            _, samples = scrape(gateway)
-            assert value(samples, "sessiongate_provider_calls_total", provider="echo", outcome="ok") == sent
+            _, samples = scrape_metrics(gateway.url)
+            assert metric_value(samples, "sessiongate_provider_calls_total", provider="echo", outcome="ok") == sent

@@ -17,7 +17,7 @@ import pytest
 from app._server import create_app
 from middleware import Settings, TranscriptStore, open_backend
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
-from tests.support import GatewayProcess, UvicornThread, transcript, wait_until
+from tests.support import GatewayProcess, UvicornThread, metric_value, scrape_metrics, transcript, wait_until
 
 ENV = {"TELEGRAM_BOT_TOKEN": BOT_TOKEN}
 
@@ -256,3 +256,26 @@ def test_a_missing_bot_token_fails_delivery_for_good_but_keeps_the_turn(
             timeout=10, what="the delivery failure logged",
         )
     assert telegram_api.texts(chat_id=chat_id) == []  # given up at once: no retries against the API
+
+
+def test_channel_series_count_messages_deliveries_and_retries(
+    gateway: GatewayProcess, telegram_api: FakeTelegramApi
+) -> None:
+    chat_id = 23
+    _, before = scrape_metrics(gateway.url)
+    first = update(900, chat_id, "count me")
+    assert post_update(gateway.url, first).json()["accepted"] == "new"
+    assert post_update(gateway.url, first).json()["accepted"] == "duplicate"  # a platform retry
+    assert telegram_api.wait_for_texts(1, chat_id=chat_id) == ["count me"]
+    telegram_api.throttle_next(1, retry_after_s=1)
+    assert post_update(gateway.url, update(901, chat_id, "and me")).json()["accepted"] == "new"
+    assert telegram_api.wait_for_texts(2, chat_id=chat_id) == ["count me", "and me"]
+    _, after = scrape_metrics(gateway.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_value(after, name, channel="telegram", **labels) - metric_value(before, name, channel="telegram", **labels)
+
+    assert delta("sessiongate_channel_messages_total", outcome="new") == 2
+    assert delta("sessiongate_channel_messages_total", outcome="duplicate") == 1
+    assert delta("sessiongate_channel_deliveries_total", outcome="sent") == 2
+    assert delta("sessiongate_channel_delivery_retries_total") == 1

@@ -48,6 +48,7 @@ from starlette.requests import Request
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from app._logging import SESSION_ID
+from app._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
 from middleware import InvalidRequest, LaneGrant, RetryableError, SessionBusy, SessionGateError
 from middleware._ids import file_stem
 
@@ -143,6 +144,11 @@ class ChannelWorker:
         concurrent deliveries of one event from both appending. Raises
         ``LockTimeout`` when the write lock is not had in time (nothing written).
         """
+        outcome = await self._accept(inbound)
+        CHANNEL_MESSAGES.labels(channel=inbound.record["channel"], outcome=outcome.value).inc()
+        return outcome
+
+    async def _accept(self, inbound: Inbound) -> Acceptance:
         records = self._gateway.backend.records
         if await records.get(inbound.dedupe_key) is not None:
             return Acceptance.DUPLICATE
@@ -164,6 +170,7 @@ class ChannelWorker:
     async def accept_later(self, inbound: Inbound) -> None:
         """Keep ``inbound`` durably in the local spool; a background task appends it when it can."""
         await asyncio.to_thread(self._spool.put, inbound)
+        CHANNEL_MESSAGES.labels(channel=inbound.record["channel"], outcome="spooled").inc()
         self.kick(SPOOL_TASK)
 
     async def _in_transcript(self, inbound: Inbound) -> bool:
@@ -324,6 +331,7 @@ class ChannelWorker:
             retry=retry_if_exception_type(DeliveryRetry),
             wait=_platform_retry_after,
             stop=stop_after_attempt(SEND_ATTEMPTS),
+            before_sleep=lambda _: CHANNEL_DELIVERY_RETRIES.labels(channel=channel.name).inc(),
             reraise=True,
         )
         try:
@@ -335,6 +343,7 @@ class ChannelWorker:
         except (DeliveryRetry, DeliveryFailed) as exc:
             logger.error("reply %s to %s not delivered: %s", reply["id"], session_id, exc)
             state = {"status": "failed", "reason": str(exc)}
+        CHANNEL_DELIVERIES.labels(channel=channel.name, outcome=state["status"]).inc()
         await asyncio.to_thread(self._cursors.put, session_id, {"replyId": reply["id"], **state, "at": time.time()})
 
     async def _drain_spool(self) -> None:
@@ -344,7 +353,7 @@ class ChannelWorker:
         """Append every spooled message; a message that cannot be appended yet stays for the next round."""
         entries = await asyncio.to_thread(self._spool.entries)
         for path, inbound in entries:
-            if await self.accept(inbound) is Acceptance.IN_PROGRESS:
+            if await self._accept(inbound) is Acceptance.IN_PROGRESS:  # counted once already, as "spooled"
                 await asyncio.sleep(IDLE_BACKOFF_S)
                 return True
             await asyncio.to_thread(self._spool.remove, path)

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from middleware._problem import PROBLEM_TYPE_BASE
 
@@ -45,6 +46,28 @@ def assert_problem(response: httpx.Response, status: int, name: str, *, session_
     if session_id is not None:
         assert body["sessionId"] == session_id
     return body
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape_metrics(base: str) -> tuple[dict[str, str], Samples]:
+    """``({family: type}, {(sample name, labels): value})`` from one ``GET /metrics``."""
+    response = httpx.get(f"{base}/metrics", timeout=5)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families: dict[str, str] = {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        families[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return families, samples
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+    wanted = set(labels.items())
+    return sum(v for (sample, sample_labels), v in samples.items() if sample == name and wanted <= sample_labels)
 
 
 def transcript(base: str, session_id: str) -> list[dict[str, Any]]:
