@@ -570,6 +570,9 @@ class FileStorage(LeaseStorage):
         mine = int(ticket.id)
         return sum(1 for number in self._live_tickets(ticket.session_id, stale_ms) if number < mine)
 
+    async def queue_length(self, session_id: str, *, stale_ms: int) -> int:
+        return len(self._live_tickets(session_id, stale_ms))
+
     async def leave_queue(self, ticket: Ticket) -> None:
         fd = self._tickets.pop(ticket, None)
         if fd is not None:

@@ -172,6 +172,9 @@ class MemoryStorage(LeaseStorage):
         mine = int(ticket.id)
         return sum(1 for w in self._live_waiters(ticket.session_id, stale_ms) if w.number < mine)
 
+    async def queue_length(self, session_id: str, *, stale_ms: int) -> int:
+        return len(self._live_waiters(session_id, stale_ms))
+
     async def leave_queue(self, ticket: Ticket) -> None:
         queue = self._queues.get(ticket.session_id)
         if queue is not None:

@@ -287,6 +287,15 @@ class RedisStorage(LeaseStorage):
             args=[ticket.id, self.keys.ticket_prefix(ticket.session_id), cap, stale_ms],
         ))
 
+    async def queue_length(self, session_id: str, *, stale_ms: int) -> int:
+        """Read-only: tickets whose heartbeat key lives (dead ones are dropped by the next waiter's walk)."""
+        prefix = self.keys.ticket_prefix(session_id)
+        with outage_as_backend_unavailable():
+            ticket_ids = await self.client.zrange(self.keys.queue(session_id), 0, -1)
+            if not ticket_ids:
+                return 0
+            return int(await self.client.exists(*(prefix + ticket_id for ticket_id in ticket_ids)))
+
     async def leave_queue(self, ticket: Ticket) -> None:
         self._ticket_ttl_ms.pop(ticket.id, None)
         with lapse_on_outage(f"queue ticket {ticket.id}"):  # a ticket without heartbeat is skipped

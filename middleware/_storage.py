@@ -199,6 +199,10 @@ class LeaseStorage(ABC):
         """0 when the ticket is at the head (its turn to try the lane); waiters that died are skipped."""
 
     @abstractmethod
+    async def queue_length(self, session_id: str, *, stale_ms: int) -> int:
+        """How many live waiters the session's FIFO holds (for the operator CLI)."""
+
+    @abstractmethod
     async def leave_queue(self, ticket: Ticket) -> None:
         """Remove the ticket (granted, gave up or cancelled)."""
 

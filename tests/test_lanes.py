@@ -94,9 +94,16 @@ async def test_queue_is_fifo_across_tasks(tmp_path: Path, storage_url: str) -> N
     for number in range(6):
         tasks.append(asyncio.create_task(turn(number)))
         await asyncio.sleep(0.03)  # arrival order = number
+    stale_ms = here.settings.session_write_lock.stale_ms
+    for _ in range(100):  # bounded: the last arrival may still be on its way into the queue
+        if await elsewhere.storage.queue_length("q", stale_ms=stale_ms) == 6:
+            break
+        await asyncio.sleep(0.02)
+    assert await elsewhere.storage.queue_length("q", stale_ms=stale_ms) == 6  # what `locks inspect` shows
     await holder.release()
     await asyncio.wait_for(asyncio.gather(*tasks), 20)
     assert order == list(range(6))
+    assert await elsewhere.storage.queue_length("q", stale_ms=stale_ms) == 0
     for backend in (here, elsewhere):
         await backend.aclose()
 

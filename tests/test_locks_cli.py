@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import free_port, run_cli, wait_until
-from tests.workers import HOLDER_STALE_MS, HolderProcess
+from tests.workers import HOLDER_STALE_MS, HolderProcess, settings_for, spawn
 
 STALE_MS = HOLDER_STALE_MS
 
@@ -138,3 +138,19 @@ def test_redis_backend_dead_holder_is_listed_and_cleaned(
 def test_unreachable_backend_exits_3(data_dir: Path) -> None:
     result = locks(data_dir, "list", backend_url=f"redis://127.0.0.1:{free_port()}/15")
     assert result.returncode == 3 and "unreachable" in result.stderr
+
+
+def test_inspect_counts_the_waiters_in_the_session_queue(data_dir: Path, holders: list[HolderProcess]) -> None:
+    hold(holders, data_dir, "lane", "chat:queued")
+    settings = settings_for(data_dir, sessionWriteLock={"staleMs": STALE_MS}, lane={"mode": "queue", "queueWaitMs": 30_000})
+    waiter = spawn("queue", settings, "chat:queued", "w", data_dir.parent / "served.txt")
+    try:
+        def queued() -> int:
+            return json.loads(locks(data_dir, "inspect", "chat:queued", "--json").stdout)["queued"]
+
+        wait_until(lambda: queued() == 1, timeout=20, interval=0.2, what="one waiter queued")
+        assert "queue       1 waiting" in locks(data_dir, "inspect", "chat:queued").stdout
+    finally:
+        waiter.kill()
+        waiter.communicate(timeout=10)
+    assert queued() == 0  # a killed waiter holds no place

@@ -61,11 +61,13 @@ async def test_tickets_are_fifo_capped_and_skip_stale_waiters(storage: LeaseStor
     assert all(tickets)
     assert await storage.enqueue("s", cap=3, stale_ms=300) is None
     assert [await storage.queue_position(t, stale_ms=300) for t in tickets] == [0, 1, 2]
+    assert await storage.queue_length("s", stale_ms=300) == 3
     await storage.leave_queue(tickets[0])
     assert await storage.queue_position(tickets[2], stale_ms=300) == 1
     await asyncio.sleep(0.35)
     await storage.renew_ticket(tickets[2])  # tickets[1] stays silent: stale, skipped
     assert await storage.queue_position(tickets[2], stale_ms=300) == 0
+    assert await storage.queue_length("s", stale_ms=300) == 1
     for ticket in tickets[1:]:
         await storage.leave_queue(ticket)
     await storage.aclose()

@@ -191,6 +191,7 @@ async def _inspect(args: argparse.Namespace, settings: Settings, backend: Backen
     report = {
         "sessionId": session_id,
         "fence": await storage.current_fence(session_id),
+        "queued": await storage.queue_length(session_id, stale_ms=stale_ms),
         "holders": {kind.value: view and view.to_json() for kind, view in views.items()},
         "transcript": transcript_info(TranscriptStore(backend, settings), session_id),
     }
@@ -199,6 +200,7 @@ async def _inspect(args: argparse.Namespace, settings: Settings, backend: Backen
     else:
         print(f"session     {session_id}")
         print(f"fence       {report['fence']} (newest fencing token issued)")
+        print(f"queue       {report['queued']} waiting (lane.mode = queue)")
         for kind, view in views.items():
             print(f"{kind.value + ' lock':<11} " + ("free" if view is None else _holder_line(view)))
         print("transcript  " + _transcript_line(report["transcript"]))
