@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -18,17 +19,49 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+TEST_DATABASES = (15, 13, 12, 11, 10)  # not 14: the benchmarks use it
+RESERVATION_KEY = "sessiongate-tests:reserved-by"
+
+
+@pytest.fixture(scope="session")
+def redis_database() -> Iterator[str]:
+    """One Redis database of the local server, reserved for this test run; fails (never skips) without Redis.
+
+    Each run takes the first free database of :data:`TEST_DATABASES` (a key set
+    with NX marks it), so two checkouts testing at once do not flush each
+    other's keys. A crashed run's mark expires after an hour.
+    """
+    base = REDIS_URL.rsplit("/", 1)[0]
+    for number in TEST_DATABASES:
+        client = redis.Redis.from_url(f"{base}/{number}")
+        try:
+            reserved = client.set(RESERVATION_KEY, os.getpid(), nx=True, ex=3600)
+        except redis.RedisError as exc:
+            client.close()
+            pytest.fail(f"Redis at {base} is required for this test and is not reachable: {exc}")
+        if reserved:
+            try:
+                yield f"{base}/{number}"
+            finally:
+                client.delete(RESERVATION_KEY)
+                client.close()
+            return
+        client.close()
+    pytest.fail(f"every test database {TEST_DATABASES} of {base} is reserved by another run")
+
+
 @pytest.fixture
-def redis_url() -> str:
-    """A clean Redis database (db 15) on the local server; fails (never skips) when Redis is down."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.fail(f"Redis at {REDIS_URL} is required for this test and is not reachable: {exc}")
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
+def redis_url(redis_database: str) -> Iterator[str]:
+    """This run's Redis database, emptied before and after the test (keeping the run's reservation)."""
+    client = redis.Redis.from_url(redis_database)
+
+    def empty() -> None:
+        client.flushdb()
+        client.set(RESERVATION_KEY, os.getpid(), ex=3600)
+
+    empty()
+    yield redis_database
+    empty()
     client.close()
 
 
