@@ -142,8 +142,10 @@ async def test_expired_records_are_swept_by_mtime_and_live_ones_kept(tmp_path: P
     orphan.write_text("{")
     os.utime(orphan, (1, 1))
     time.sleep(0.1)
+    gone = [p for p in (tmp_path / "records").glob("*.json") if p.name not in ("old-format.json", _record_name("kept"))]
+    # (the sweep the first put started may already have taken some, on a slow machine)
 
-    assert records.sweep() == 50
+    assert records.sweep() == len(gone)
     assert sorted(p.name for p in (tmp_path / "records").iterdir() if not p.name.startswith(".guard-")) == sorted(
         ["old-format.json", _record_name("kept")]
     )

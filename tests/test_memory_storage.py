@@ -105,12 +105,12 @@ async def test_holders_and_break_lease_of_a_stale_holder(storage: LeaseStorage) 
 
 
 async def test_memory_records_nobody_reads_again_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_memory, "SWEEP_INTERVAL_S", 0.05)
+    monkeypatch.setattr(_memory, "SWEEP_INTERVAL_S", 0.5)  # the first put sweeps; the next is due in 0.5 s
     records = MemoryRecords()
     for number in range(1_000):
-        await records.put(f"once-{number}", {"n": number}, ttl_ms=20)
+        await records.put(f"once-{number}", {"n": number}, ttl_ms=300)
     assert len(records) == 1_000
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.6)
     await records.put("fresh", {}, ttl_ms=60_000)
     assert len(records) == 1
     assert await records.get("fresh") == {}
