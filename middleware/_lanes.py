@@ -21,13 +21,12 @@ from ._config import Settings
 from ._errors import QueueFull, SessionBusy
 from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TURN_SECONDS, count_takeover
 from ._storage import LeaseKind, LeaseStorage, StoredLease, Ticket
-from ._waiting import Backoff, Heartbeats, Wakeups
+from ._waiting import Backoff, Heartbeats, Wakeups, moving_average
 
 
 class TurnDurations:
     """Exponentially weighted moving averages of turn durations, per session and overall."""
 
-    ALPHA = 0.3
     DEFAULT_MS = 1000.0
     MAX_SESSIONS = 10_000  # least recently finished sessions are forgotten first
 
@@ -35,15 +34,11 @@ class TurnDurations:
         self._per_session: OrderedDict[str, float] = OrderedDict()
         self._overall: float | None = None
 
-    @classmethod
-    def _blend(cls, average: float | None, sample: float) -> float:
-        return sample if average is None else average + cls.ALPHA * (sample - average)
-
     def observe(self, session_id: str, duration_ms: float) -> None:
-        self._per_session[session_id] = self._blend(self._per_session.pop(session_id, None), duration_ms)
+        self._per_session[session_id] = moving_average(self._per_session.pop(session_id, None), duration_ms)
         if len(self._per_session) > self.MAX_SESSIONS:
             self._per_session.popitem(last=False)
-        self._overall = self._blend(self._overall, duration_ms)
+        self._overall = moving_average(self._overall, duration_ms)
 
     def expected_ms(self, session_id: str) -> float:
         expected = self._per_session.get(session_id, self._overall)

@@ -123,14 +123,6 @@ class RateLimits:
                 session_id=session_id,
             )
 
-    async def reset(self) -> None:
-        """Forget every count (tests and the operator CLI)."""
-        if self._storage is not None:
-            try:
-                await self._storage.reset()
-            except StorageError as exc:
-                raise _unavailable(exc) from exc
-
     async def aclose(self) -> None:
         """Drop the Redis connection pool, if any."""
         if isinstance(self._storage, RedisStorage):

@@ -275,10 +275,7 @@ class RedisStorage(LeaseStorage):
     async def queue_position(self, ticket: Ticket, *, stale_ms: int) -> int:
         """0 at the head. A ticket that was dropped as dead (its waiter was silent
         past ``stale_ms``) rejoins at the tail: it is alive again, since it asks."""
-        position = await self._queue_call(ticket, cap=0, stale_ms=stale_ms)
-        if position < 0:
-            position = await self._queue_call(ticket, cap=2**31, stale_ms=stale_ms)
-        return position
+        return await self._queue_call(ticket, cap=2**31, stale_ms=stale_ms)  # never refused: no cap applies
 
     async def _queue_call(self, ticket: Ticket, *, cap: int, stale_ms: int) -> int:
         return int(await self._run(

@@ -16,6 +16,13 @@ from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger("sessiongate.locks")
 
+SMOOTHING = 0.3  # weight of the newest sample in the moving averages behind retry estimates
+
+
+def moving_average(average: float | None, sample: float) -> float:
+    """The exponentially weighted moving average after ``sample`` (``sample`` itself if there was none)."""
+    return sample if average is None else average + SMOOTHING * (sample - average)
+
 
 class Backoff:
     """Polling intervals: ``first`` seconds, doubling up to ``cap``."""

@@ -17,7 +17,7 @@ from ._config import Settings
 from ._errors import LockTimeout
 from ._metrics import WRITE_LOCK_HOLD_SECONDS, WRITE_LOCK_WAIT_SECONDS, count_takeover
 from ._storage import LeaseKind, LeaseStorage, StoredLease
-from ._waiting import Backoff, Beating, Heartbeats
+from ._waiting import Backoff, Beating, Heartbeats, moving_average
 
 
 class _LocalQueue:
@@ -92,8 +92,6 @@ class WriteLockHold:
 class WriteLocks:
     """The write-lock strategy over any :class:`LeaseStorage`."""
 
-    HOLD_ALPHA = 0.3
-
     def __init__(self, storage: LeaseStorage, settings: Settings) -> None:
         self._storage = storage
         self.timeout_ms = settings.session_write_lock.timeout_ms
@@ -130,7 +128,7 @@ class WriteLocks:
             await asyncio.sleep(min(remaining, backoff.next_delay()))
 
     def _observe_hold(self, held_ms: float) -> None:
-        self._expected_hold_ms += self.HOLD_ALPHA * (held_ms - self._expected_hold_ms)
+        self._expected_hold_ms = moving_average(self._expected_hold_ms, held_ms)
 
     def _timeout(self, session_id: str, asked_at: float) -> LockTimeout:
         waiters = self._local[session_id].users if session_id in self._local else 1

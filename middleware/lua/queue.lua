@@ -4,7 +4,7 @@
 -- keeps a heartbeat key "<ticket prefix><id>" with a time to live. Walking the
 -- queue from the head drops tickets whose heartbeat key is gone (dead waiters),
 -- then answers the ticket's position. An absent ticket is added at the tail
--- when fewer than ARGV[3] live tickets wait (ARGV[3] = 0 only looks it up).
+-- when fewer than ARGV[3] live tickets wait.
 --
 -- KEYS[1] queue key   ARGV[1] ticket id   ARGV[2] ticket key prefix
 -- ARGV[3] cap         ARGV[4] heartbeat time to live (ms)
