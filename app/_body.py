@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -98,14 +99,20 @@ class BodyLimit:
         return PayloadTooLarge.over_limit(self.max_bytes)
 
 
-def parse_message(body: bytes) -> MessageIn:
-    """Validate a message body: a JSON object with a non-blank ``text`` and an optional ``sender``."""
+def json_object(body: bytes, *, example: str = "") -> dict[str, Any]:
+    """``body`` as a JSON object; InvalidRequest for bad UTF-8, bad JSON, nesting too deep or another type."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
         raise InvalidRequest("the body is not valid JSON (UTF-8)") from None
     if not isinstance(data, dict):
-        raise InvalidRequest('the body must be a JSON object like {"text": "hello"}')
+        raise InvalidRequest(f"the body must be a JSON object{example}")
+    return data
+
+
+def parse_message(body: bytes) -> MessageIn:
+    """Validate a message body: a JSON object with a non-blank ``text`` and an optional ``sender``."""
+    data = json_object(body, example=' like {"text": "hello"}')
     unknown = sorted(set(data) - MESSAGE_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field(s) {unknown}: a message has only 'text' and optional 'sender'")

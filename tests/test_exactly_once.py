@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import GatewayProcess
@@ -23,16 +24,23 @@ def post(url: str, session: str, text: str, key: str) -> httpx.Response:
                       headers={"Idempotency-Key": key}, timeout=10)
 
 
-def test_retry_after_a_lost_idempotency_record_is_answered_from_the_transcript(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("first_key", "retry_key"),
+    [("key-1", "key-1"), ('"key-1"', "key-1")],  # the second: the same key as an sf-string, then bare
+    ids=["same-spelling", "quoted-then-bare"],
+)
+def test_retry_after_a_lost_idempotency_record_is_answered_from_the_transcript(
+    tmp_path: Path, first_key: str, retry_key: str
+) -> None:
     data_dir = tmp_path / "data"
     with FakeOpenAI("model") as fake:
         config = {"providers": [fake.provider()]}
         with GatewayProcess(data_dir, config) as gateway:
-            first = post(gateway.url, "crash", "hello", "key-1")
+            first = post(gateway.url, "crash", "hello", first_key)
         shutil.rmtree(data_dir / "records")  # what a kill -9 between append and record leaves
         with GatewayProcess(data_dir, config) as gateway:
-            retry = post(gateway.url, "crash", "hello", "key-1")
-            reused = post(gateway.url, "crash", "another text", "key-1")
+            retry = post(gateway.url, "crash", "hello", retry_key)
+            reused = post(gateway.url, "crash", "another text", retry_key)
             transcript = httpx.get(f"{gateway.url}/v1/sessions/crash/messages").json()["messages"]
     assert first.status_code == retry.status_code == 200
     assert retry.json() == first.json()

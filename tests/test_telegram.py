@@ -67,6 +67,12 @@ def test_unconfigured_telegram_answers_404_channel_not_configured(
     assert response.json()["type"].endswith("channel-not-configured")
 
 
+def test_a_body_that_is_not_a_json_object_is_400_not_a_retried_500(gateway: GatewayProcess) -> None:
+    for body in (b"{", b"[1]", b"[" * 100_000):  # the last: nested too deep for the JSON parser
+        response = httpx.post(f"{gateway.url}/v1/webhooks/telegram", content=body, headers={SECRET_HEADER: SECRET})
+        assert response.status_code == 400 and response.json()["type"].endswith("invalid-request")
+
+
 def test_update_without_text_is_acknowledged_and_ignored(gateway: GatewayProcess) -> None:
     sticker = {"update_id": 20, "message": {"message_id": 1, "chat": {"id": 12}, "sticker": {"file_id": "x"}}}
     assert post_update(gateway.url, sticker).status_code == 200

@@ -47,9 +47,10 @@ import httpx
 from starlette.requests import Request
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
+from app._body import json_object
 from app._logging import SESSION_ID
 from app._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
-from middleware import InvalidRequest, LaneGrant, RetryableError, SessionBusy, SessionGateError
+from middleware import LaneGrant, RetryableError, SessionBusy, SessionGateError
 from middleware._ids import file_stem
 
 if TYPE_CHECKING:
@@ -383,13 +384,7 @@ def channel_for(request: Request, kind: type[C]) -> tuple[ChannelWorker, C]:
 
 async def read_json_object(request: Request) -> dict[str, Any]:
     """The request body as a JSON object; raises InvalidRequest."""
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    return body
+    return json_object(await request.body())
 
 
 def bot_token(env_name: str) -> str:

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 
 from middleware import SessionGateError
 from middleware._gate import lane_of
+from middleware._idempotency import idempotency_key
 
 from .._body import message_of
 from .._context import Gateway
@@ -37,7 +38,7 @@ class SessionMessages(HTTPEndpoint):
             message.text,
             sender=message.sender,
             channel="api",
-            idempotency_key=request.headers.get("idempotency-key"),
+            idempotency_key=idempotency_key(request.scope),  # as the gate read it: quotes and blanks stripped
         )
         result = await gateway_of(request).turns.run_turn(grant, session_id, user)
         return JSONResponse({
