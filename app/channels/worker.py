@@ -430,7 +430,7 @@ def seconds_or_default(value: object, default: float = 1.0) -> float:
 
 
 def _platform_retry_after(retry_state: RetryCallState) -> float:
-    """tenacity wait: what the platform asked for (capped), never less than the 1 s default."""
+    """tenacity wait: what the platform asked for (1 s when it did not say), capped at ``MAX_RETRY_AFTER_S``."""
     outcome = retry_state.outcome
     error = outcome.exception() if outcome is not None else None
     asked = error.retry_after_s if isinstance(error, DeliveryRetry) else 1.0

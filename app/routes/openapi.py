@@ -8,12 +8,15 @@ that real answers match their schemas; schemathesis can fuzz from it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
+from middleware._idempotency import MAX_KEY_LENGTH
+from middleware._ids import _SESSION_ID
 from middleware._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
@@ -115,6 +118,7 @@ def _webhook(summary: str) -> dict[str, Any]:
     }
 
 
+@functools.cache  # built once: nothing in it changes while the process runs
 def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -138,7 +142,7 @@ def openapi_document() -> dict[str, Any]:
                         "in": "header",
                         "required": False,
                         "description": "repeat-safe retries: a repeat gets the stored answer",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
                     }],
                     "requestBody": {
                         "required": True,
@@ -197,7 +201,7 @@ def _schemas() -> dict[str, Any]:
         },
     }
     return {
-        "SessionId": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$", "not": {"enum": [".", ".."]}},
+        "SessionId": {"type": "string", "pattern": f"^{_SESSION_ID.pattern}$", "not": {"enum": [".", ".."]}},
         "MessageIn": {
             "type": "object",
             "required": ["text"],
