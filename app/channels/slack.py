@@ -27,10 +27,9 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from middleware import RetryableError, SessionGateError, Unauthorized
+from middleware import RetryableError, Unauthorized
 from middleware._config import SlackSettings
 from middleware._ids import is_valid_session_id
-from middleware._problem import problem_response
 
 from .worker import (
     Acceptance,
@@ -139,13 +138,13 @@ def _bot_user_ids(payload: dict[str, Any]) -> set[str]:
 
 
 async def slack_webhook(request: Request) -> Response:
-    """``POST /v1/webhooks/slack``: the challenge, or 200 once the event is durable (transcript or spool)."""
-    try:
-        worker, channel = channel_for(request, SlackChannel)
-        channel.verify(request.headers, await request.body())
-        payload = await read_json_object(request)
-    except SessionGateError as error:
-        return problem_response(error)
+    """``POST /v1/webhooks/slack``: the challenge, or 200 once the event is durable (transcript or spool).
+
+    Bad signatures and bodies raise their typed errors to the app's handler (401, 400, 404).
+    """
+    worker, channel = channel_for(request, SlackChannel)
+    channel.verify(request.headers, await request.body())
+    payload = await read_json_object(request)
     if payload.get("type") == "url_verification":
         return JSONResponse({"challenge": payload.get("challenge")})
     inbound = channel.inbound(payload) if payload.get("type") == "event_callback" else None

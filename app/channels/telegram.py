@@ -18,7 +18,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from middleware import InvalidRequest, SessionBusy, SessionGateError, Unauthorized
+from middleware import InvalidRequest, SessionBusy, Unauthorized
 from middleware._config import TelegramSettings
 from middleware._problem import problem_response
 
@@ -118,6 +118,7 @@ async def telegram_webhook(request: Request) -> Response:
     A busy transcript (the write lock not had in time) or a concurrent delivery
     of the same update answers 429 with an integer ``Retry-After``: the only
     refusal Telegram honours; nothing was written, so its retry is processed.
+    Other typed errors (bad secret or body) go to the app's handler.
     """
     try:
         worker, channel = channel_for(request, TelegramChannel)
@@ -131,6 +132,4 @@ async def telegram_webhook(request: Request) -> Response:
                               retry_after_ms=IN_PROGRESS_RETRY_MS, session_id=inbound.session_id)
     except SessionBusy as busy:
         return problem_response(busy, 429)
-    except SessionGateError as error:
-        return problem_response(error)
     return JSONResponse({"ok": True, "accepted": outcome.value})
