@@ -11,7 +11,7 @@ import redis
 from tests.fakes.slack_api import BOT_TOKEN as SLACK_BOT_TOKEN
 from tests.fakes.slack_api import FakeSlackApi
 from tests.fakes.telegram_api import FakeTelegramApi
-from tests.support import REDIS_URL, UvicornThread
+from tests.support import REDIS_SERVER, UvicornThread
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def redis_database() -> Iterator[str]:
     with NX marks it), so two checkouts testing at once do not flush each
     other's keys. A crashed run's mark expires after an hour.
     """
-    base = REDIS_URL.rsplit("/", 1)[0]
+    base = REDIS_SERVER
     for number in TEST_DATABASES:
         client = redis.Redis.from_url(f"{base}/{number}")
         try:
@@ -65,7 +65,14 @@ def redis_url(redis_database: str) -> Iterator[str]:
     client.close()
 
 
-STORAGE_URLS = ("memory://", "file://", "redis")
+STORAGE_URLS = ("memory://", "file://", pytest.param("redis", marks=pytest.mark.redis))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that asks for ``redis_url`` by name carries the ``redis`` mark, so ``-m "not redis"`` needs no Redis."""
+    for item in items:
+        if "redis_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
 
 
 @pytest.fixture(params=STORAGE_URLS)

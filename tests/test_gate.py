@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from middleware import SessionGate, Settings, lane_of
-from tests.support import REPO_ROOT, UvicornThread, assert_problem, free_port
+from tests.support import REPO_ROOT, UvicornThread, assert_problem, free_port, wait_for
 
 NO_RATE_LIMITS = {"perSession": None, "perSender": None}
 
@@ -128,14 +128,6 @@ def serve(settings: Settings, **gate_options: Any) -> Iterator[tuple[UvicornThre
         yield server, endpoints, gate
 
 
-async def until(predicate, *, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.01)
-
-
 async def eventually_admitted(client: httpx.AsyncClient, session: str, *, timeout: float = 5.0) -> httpx.Response:
     """POST a turn until the session's lane admits it (each refusal is a fast 409)."""
     deadline = time.monotonic() + timeout
@@ -158,17 +150,12 @@ def answers_counted(problem_type: str) -> float:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("backend", ["memory://", "file://", "redis"])
-async def test_second_message_on_a_busy_session_gets_a_fast_409(
-    tmp_path: Path, backend: str, request: pytest.FixtureRequest
-) -> None:
-    if backend == "redis":
-        backend = request.getfixturevalue("redis_url")
+async def test_second_message_on_a_busy_session_gets_a_fast_409(tmp_path: Path, storage_url: str) -> None:
     counted_before = answers_counted("session-busy")
-    with serve(make_settings(tmp_path, backend)) as (server, endpoints, _):
+    with serve(make_settings(tmp_path, storage_url)) as (server, endpoints, _):
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             first = asyncio.create_task(client.post("/s/s1/turn?ms=1500"))
-            await until(lambda: len(endpoints.calls) == 1, what="first turn started")
+            await wait_for(lambda: len(endpoints.calls) == 1, 5.0, what="first turn started")
             busy = await client.post("/s/s1/turn", json={"text": "second"})
             assert not first.done(), "the busy answer came while the first turn was still running"
             assert_problem(busy, 409, "session-busy", session_id="s1")
@@ -195,7 +182,7 @@ async def test_contention_status_429_variant(tmp_path: Path) -> None:
     with serve(make_settings(tmp_path, contention={"status": 429})) as (server, endpoints, _):
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             first = asyncio.create_task(client.post("/s/s1/turn?ms=800"))
-            await until(lambda: len(endpoints.calls) == 1)
+            await wait_for(lambda: len(endpoints.calls) == 1, 5.0)
             busy = await client.post("/s/s1/turn")
             assert_problem(busy, 429, "session-busy", session_id="s1")
             assert_retryable(busy)
@@ -219,7 +206,7 @@ async def test_queue_mode_serves_in_arrival_order_and_refuses_past_the_cap(tmp_p
     with serve(settings) as (server, endpoints, _):
         async with httpx.AsyncClient(base_url=server.url, timeout=15) as client:
             running = asyncio.create_task(client.post("/s/s1/turn?ms=600", content=b"first"))
-            await until(lambda: len(endpoints.calls) == 1)
+            await wait_for(lambda: len(endpoints.calls) == 1, 5.0)
             waiting = []
             for text in (b"second", b"third"):
                 waiting.append(asyncio.create_task(client.post("/s/s1/turn?ms=50", content=text)))
@@ -283,7 +270,7 @@ async def test_idempotency_key_in_flight_and_reused(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             headers = {"Idempotency-Key": "k-1"}
             first = asyncio.create_task(client.post("/s/s1/turn?ms=800", content=b"a", headers=headers))
-            await until(lambda: len(endpoints.calls) == 1)
+            await wait_for(lambda: len(endpoints.calls) == 1, 5.0)
             in_flight = await client.post("/s/s1/turn", content=b"a", headers=headers)
             reused = await client.post("/s/s1/turn", content=b"b", headers=headers)
             assert (await first).status_code == 200
@@ -401,7 +388,7 @@ async def test_requests_without_a_session_and_websockets_pass_through(tmp_path: 
             for _ in range(5):  # never rate limited, never laned
                 assert (await client.get("/healthz")).text == "ok"
             running = asyncio.create_task(client.post("/s/s1/turn?ms=500"))
-            await until(lambda: len(endpoints.calls) == 1)
+            await wait_for(lambda: len(endpoints.calls) == 1, 5.0)
             async with websockets.connect(f"ws://127.0.0.1:{server.port}/s/s1/ws", open_timeout=5) as socket:
                 await socket.send("hello")
                 assert await socket.recv() == "hello"

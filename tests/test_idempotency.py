@@ -20,12 +20,9 @@ SCOPE = {"type": "http", "method": "POST", "path": "/v1/sessions/s1/messages", "
 ANSWER = StoredAnswer(200, [(b"content-type", b"application/json")], b'{"reply":"hi"}')
 
 
-@pytest.fixture(params=["memory", "file", "redis"])
-async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RecordStorage]:
-    url = {"memory": "memory://", "file": "file://"}.get(request.param)
-    if url is None:
-        url = request.getfixturevalue("redis_url")
-    backend = open_backend(Settings(data_dir=tmp_path / "data", backend={"url": url}))
+@pytest.fixture
+async def records(storage_url: str, tmp_path: Path) -> AsyncIterator[RecordStorage]:
+    backend = open_backend(Settings(data_dir=tmp_path / "data", backend={"url": storage_url}))
     yield backend.records
     await backend.aclose()
 

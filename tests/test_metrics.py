@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import GatewayProcess, free_port, metric_value, scrape_metrics
+from tests.support import GatewayProcess, free_port, metric_delta, metric_value, scrape_metrics
 from tests.workers import HolderProcess
 
 TURN_MS = 600
@@ -93,19 +93,16 @@ def test_series_move_with_traffic(gateway: GatewayProcess, tmp_path: Path) -> No
 
     _, after = scrape_metrics(gateway.url)
 
-    def moved(name: str, **labels: str) -> float:
-        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
-
-    assert moved("sessiongate_lane_wait_seconds_count") >= 4
-    assert moved("sessiongate_write_lock_hold_seconds_count") >= 4
-    assert moved("sessiongate_turn_seconds_count") >= 4
-    assert moved("sessiongate_contention_answers_total", type="session-busy") >= 1
-    assert moved("sessiongate_contention_answers_total", type="rate-limited") >= 1
-    assert moved("sessiongate_provider_calls_total", provider="broken", outcome="error") >= 1
-    assert moved("sessiongate_provider_calls_total", provider="echo", outcome="ok") >= 1
-    assert moved("sessiongate_provider_failures_total", provider="broken") >= 1
-    assert moved("sessiongate_provider_failures_total", provider="echo") == 0  # contention is no provider error
-    assert moved("sessiongate_takeovers_total", kind="lane", reason="dead-pid") == 1
+    assert metric_delta(before, after, "sessiongate_lane_wait_seconds_count") >= 4
+    assert metric_delta(before, after, "sessiongate_write_lock_hold_seconds_count") >= 4
+    assert metric_delta(before, after, "sessiongate_turn_seconds_count") >= 4
+    assert metric_delta(before, after, "sessiongate_contention_answers_total", type="session-busy") >= 1
+    assert metric_delta(before, after, "sessiongate_contention_answers_total", type="rate-limited") >= 1
+    assert metric_delta(before, after, "sessiongate_provider_calls_total", provider="broken", outcome="error") >= 1
+    assert metric_delta(before, after, "sessiongate_provider_calls_total", provider="echo", outcome="ok") >= 1
+    assert metric_delta(before, after, "sessiongate_provider_failures_total", provider="broken") >= 1
+    assert metric_delta(before, after, "sessiongate_provider_failures_total", provider="echo") == 0  # contention is no provider error
+    assert metric_delta(before, after, "sessiongate_takeovers_total", kind="lane", reason="dead-pid") == 1
     assert metric_value(after, "sessiongate_queue_depth") == 0
     assert metric_value(after, "sessiongate_fencing_refusals_total") == 0
 

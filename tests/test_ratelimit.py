@@ -103,7 +103,7 @@ async def test_unreachable_redis_is_backend_unavailable() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def test_retry_after_is_when_the_oldest_request_leaves_the_window(
     backend: str, request: pytest.FixtureRequest
 ) -> None:

@@ -1,7 +1,7 @@
 """Two gateway processes, one Redis, one shared data dir: they behave as one gateway.
 
 Each test starts two real ``python -m app serve`` processes on their own
-ports with ``backend.url`` pointing at the local Redis (db 15) and the same
+ports with ``backend.url`` pointing at the local Redis (the run's own database) and the same
 data dir, then drives them with httpx: one turn per session across both,
 queue order across both, shared rate limits, idempotency replays and
 Telegram dedupe across instances, and takeover from a paused (SIGSTOP) or

@@ -1,6 +1,6 @@
 """The LeaseStorage contract on a real Redis: leases, token safety, fencing, reclaim, queues, records, outages.
 
-Every test talks to the local Redis (db 15 via the ``redis_url`` fixture) and
+Every test talks to the local Redis (the run's own database, via the ``redis_url`` fixture) and
 fails when it is down. Holders in other processes are real processes: one is
 killed with SIGKILL to leave a dead holder behind.
 """

@@ -22,7 +22,7 @@ import pytest
 from app._server import create_app
 from middleware import Settings, open_backend
 from tests.fakes.slack_api import BOT_TOKEN, FakeSlackApi
-from tests.support import GatewayProcess, UvicornThread, metric_value, scrape_metrics, transcript
+from tests.support import GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_USER = "UBOT"
@@ -211,9 +211,7 @@ async def test_busy_write_lock_still_acks_fast_and_the_spooled_message_is_proces
     assert await anyio.to_thread.run_sync(lambda: slack_api.wait_for_texts(1, channel="C6")) == ["spooled"]
     assert [r["role"] for r in channel_transcript(gateway, "C6")] == ["user", "assistant"]
     _, after = scrape_metrics(gateway.url)
-    spooled = {"channel": "slack", "outcome": "spooled"}
-    assert metric_value(after, "sessiongate_channel_messages_total", **spooled) == metric_value(
-        before, "sessiongate_channel_messages_total", **spooled) + 1
+    assert metric_delta(before, after, "sessiongate_channel_messages_total", channel="slack", outcome="spooled") == 1
 
 
 @pytest.mark.anyio

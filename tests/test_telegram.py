@@ -17,7 +17,7 @@ import pytest
 from app._server import create_app
 from middleware import Settings, TranscriptStore, open_backend
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
-from tests.support import GatewayProcess, UvicornThread, metric_value, scrape_metrics, transcript, wait_until
+from tests.support import GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript, wait_until
 
 ENV = {"TELEGRAM_BOT_TOKEN": BOT_TOKEN}
 
@@ -278,10 +278,7 @@ def test_channel_series_count_messages_deliveries_and_retries(
     assert telegram_api.wait_for_texts(2, chat_id=chat_id) == ["count me", "and me"]
     _, after = scrape_metrics(gateway.url)
 
-    def delta(name: str, **labels: str) -> float:
-        return metric_value(after, name, channel="telegram", **labels) - metric_value(before, name, channel="telegram", **labels)
-
-    assert delta("sessiongate_channel_messages_total", outcome="new") == 2
-    assert delta("sessiongate_channel_messages_total", outcome="duplicate") == 1
-    assert delta("sessiongate_channel_deliveries_total", outcome="sent") == 2
-    assert delta("sessiongate_channel_delivery_retries_total") == 1
+    assert metric_delta(before, after, "sessiongate_channel_messages_total", channel="telegram", outcome="new") == 2
+    assert metric_delta(before, after, "sessiongate_channel_messages_total", channel="telegram", outcome="duplicate") == 1
+    assert metric_delta(before, after, "sessiongate_channel_deliveries_total", channel="telegram", outcome="sent") == 2
+    assert metric_delta(before, after, "sessiongate_channel_delivery_retries_total", channel="telegram") == 1

@@ -36,9 +36,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
 from middleware import Settings, TranscriptStore, open_backend
-from tests.support import REDIS_URL
+from tests.support import REDIS_SERVER
 
-BENCH_REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + "/14"  # not db 15, which tests flush while they run
+BENCH_REDIS_URL = REDIS_SERVER + "/14"  # a database no test run reserves (see tests/conftest.py)
 
 GOAL_RATIO = 1.5
 SESSIONS = 8

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from middleware._problem import PROBLEM_TYPE_BASE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_SERVER = "redis://127.0.0.1:6379"  # the local server; tests reserve a database on it (see conftest)
 
 
 PROBLEM = "application/problem+json"
@@ -70,6 +70,11 @@ def metric_value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (sample, sample_labels), v in samples.items() if sample == name and wanted <= sample_labels)
 
 
+def metric_delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    """How much :func:`metric_value` moved between two scrapes."""
+    return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+
 def transcript(base: str, session_id: str) -> list[dict[str, Any]]:
     """The session's messages through the real API (an unknown session reads as ``[]`` with a 200)."""
     response = httpx.get(messages_url(base, session_id), timeout=5)
@@ -77,11 +82,11 @@ def transcript(base: str, session_id: str) -> list[dict[str, Any]]:
     return response.json()["messages"]
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:
+async def wait_for(predicate, timeout: float = 10.0, *, what: str = "condition") -> None:
     """The asyncio twin of :func:`wait_until`: poll ``predicate`` without blocking the loop."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
         await asyncio.sleep(0.01)
 
 
