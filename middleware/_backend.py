@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from ._config import Settings
 from ._lanes import LaneGrant, Lanes
 from ._storage import LeaseStorage, RecordStorage
+from ._waiting import Heartbeats
 from ._write_lock import WriteLockHold, WriteLocks
 
 _STORAGES: dict[str, str] = {
@@ -30,8 +31,9 @@ class Backend:
     def __init__(self, storage: LeaseStorage, settings: Settings) -> None:
         self.settings = settings
         self.storage = storage
-        self.lanes = Lanes(storage, settings)
-        self.write_locks = WriteLocks(storage, settings)
+        heartbeats = Heartbeats.for_stale_ms(settings.session_write_lock.stale_ms)  # one timer for both kinds
+        self.lanes = Lanes(storage, settings, heartbeats)
+        self.write_locks = WriteLocks(storage, settings, heartbeats)
 
     @property
     def records(self) -> RecordStorage:

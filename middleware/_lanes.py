@@ -91,14 +91,14 @@ class LaneGrant:
 class Lanes:
     """The lane strategy over any :class:`LeaseStorage`."""
 
-    def __init__(self, storage: LeaseStorage, settings: Settings) -> None:
+    def __init__(self, storage: LeaseStorage, settings: Settings, heartbeats: Heartbeats | None = None) -> None:
         self._storage = storage
         self._settings = settings.lane
         self.stale_ms = settings.session_write_lock.stale_ms
         self._held: dict[str, LaneGrant] = {}  # sessions whose turn runs in this process
         self._wakeups = Wakeups()
         self.durations = TurnDurations()
-        self.heartbeats = Heartbeats(self.stale_ms / 3000)  # one timer renews every lane held here
+        self.heartbeats = heartbeats or Heartbeats.for_stale_ms(self.stale_ms)  # one timer renews every lane held here
 
     async def acquire(self, session_id: str, *, max_wait_ms: int | None = None) -> LaneGrant:
         """The session's lane; raises SessionBusy (or QueueFull in queue mode) when not had in time."""

@@ -104,6 +104,11 @@ class Heartbeats:
         self._by_loop: dict[asyncio.AbstractEventLoop, Beating] = {}
         self._running: set[asyncio.Task[None]] = set()  # beats in progress (the loop keeps only weak references)
 
+    @classmethod
+    def for_stale_ms(cls, stale_ms: int) -> Heartbeats:
+        """Three beats per ``stale_ms``: a late beat or two never makes a live holder look stale."""
+        return cls(stale_ms / 3000)
+
     def add(self, key: object, renew: Callable[[], Awaitable[bool]], on_lost: Callable[[], None]) -> Beating:
         """Start renewing ``key``'s lease; returns the set to :meth:`discard` it from later."""
         loop = asyncio.get_running_loop()

@@ -92,12 +92,12 @@ class WriteLockHold:
 class WriteLocks:
     """The write-lock strategy over any :class:`LeaseStorage`."""
 
-    def __init__(self, storage: LeaseStorage, settings: Settings) -> None:
+    def __init__(self, storage: LeaseStorage, settings: Settings, heartbeats: Heartbeats | None = None) -> None:
         self._storage = storage
         self.timeout_ms = settings.session_write_lock.timeout_ms
         self.stale_ms = settings.session_write_lock.stale_ms
         self._local: dict[str, _LocalQueue] = {}
-        self.heartbeats = Heartbeats(self.stale_ms / 3000)  # one timer renews every write lock held here
+        self.heartbeats = heartbeats or Heartbeats.for_stale_ms(self.stale_ms)  # one timer renews every lock held here
         self._expected_hold_ms = 5.0  # EWMA of hold times, for LockTimeout's retry_after_ms
 
     def hold(self, session_id: str) -> WriteLockHold:
