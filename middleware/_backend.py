@@ -11,13 +11,13 @@ from __future__ import annotations
 import importlib
 from contextlib import AbstractAsyncContextManager
 
-from ._config import Settings
+from ._config import Settings, storage_scheme
 from ._lanes import LaneGrant, Lanes
 from ._storage import LeaseStorage, RecordStorage
 from ._waiting import Heartbeats
 from ._write_lock import WriteLockHold, WriteLocks
 
-_STORAGES: dict[str, str] = {
+_STORAGES: dict[str, str] = {  # one entry per _config.STORAGE_SCHEMES
     "memory": "middleware._memory:MemoryStorage",
     "file": "middleware._file:FileStorage",
     "redis": "middleware._redis:RedisStorage",
@@ -56,10 +56,6 @@ class Backend:
     async def aclose(self) -> None:
         await self.lanes.aclose()
         await self.storage.aclose()
-
-
-def storage_scheme(url: str) -> str:
-    return url.split("://", 1)[0]
 
 
 def open_storage(settings: Settings) -> LeaseStorage:

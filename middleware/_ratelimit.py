@@ -39,8 +39,7 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
-from ._backend import storage_scheme
-from ._config import Settings
+from ._config import SHARED_SCHEMES, Settings, storage_scheme
 from ._errors import BackendUnavailable, RateLimited
 from ._window_counts import LazyMemoryStorage
 
@@ -55,7 +54,7 @@ class Policy:
 
 def is_shared(settings: Settings) -> bool:
     """Whether counts live in Redis (shared by every process) rather than in this process."""
-    return storage_scheme(settings.backend.url) in ("redis", "rediss")
+    return storage_scheme(settings.backend.url) in SHARED_SCHEMES
 
 
 def _storage_for(settings: Settings) -> Storage:
