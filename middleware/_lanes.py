@@ -20,7 +20,7 @@ from collections import OrderedDict
 from ._config import Settings
 from ._errors import QueueFull, SessionBusy
 from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TURN_SECONDS, count_takeover
-from ._storage import LeaseKind, LeaseStorage, StoredLease, Ticket
+from ._storage import Holder, LeaseKind, LeaseStorage, StoredLease, Ticket
 from ._waiting import Backoff, Heartbeats, Wakeups, moving_average
 
 
@@ -106,22 +106,23 @@ class Lanes:
         if self._settings.mode == "queue":
             wait_ms = self._settings.queue_wait_ms if max_wait_ms is None else max_wait_ms
             return await self._acquire_queued(session_id, asked_at, asked_at + wait_ms / 1000)
-        grant = await self._try(session_id, asked_at)  # the common case: free at once
+        grant, holder = await self._try(session_id, asked_at)  # the common case: free at once
         if grant is not None:
             return grant
         wait_ms = self._settings.max_wait_ms if max_wait_ms is None else max_wait_ms
-        return await self._acquire_direct(session_id, asked_at, asked_at + wait_ms / 1000)
+        return await self._acquire_direct(session_id, asked_at, asked_at + wait_ms / 1000, holder)
 
-    async def _try(self, session_id: str, asked_at: float) -> LaneGrant | None:
+    async def _try(self, session_id: str, asked_at: float) -> tuple[LaneGrant | None, Holder | None]:
+        """The lane, or ``None`` and who holds it (when the storage saw that while refusing)."""
         if session_id in self._held:  # answered from memory: this process runs its turn
-            return None
-        lease = await self._storage.try_acquire(LeaseKind.LANE, session_id, stale_ms=self.stale_ms)
+            return None, None
+        lease, holder = await self._storage.try_acquire_or_holder(LeaseKind.LANE, session_id, stale_ms=self.stale_ms)
         if lease is None:
-            return None
+            return None, holder
         LANE_WAIT_SECONDS.observe(time.monotonic() - asked_at)
         count_takeover(lease)
         grant = self._held[session_id] = LaneGrant(self, session_id, lease)
-        return grant
+        return grant, None
 
     async def _wait(self, session_id: str, deadline: float, backoff: Backoff) -> bool:
         """Sleep until a local release or the next poll; ``False`` once the deadline has passed."""
@@ -133,14 +134,16 @@ class Lanes:
         await self._wakeups.wait(session_id, remaining)
         return True
 
-    async def _acquire_direct(self, session_id: str, asked_at: float, deadline: float) -> LaneGrant:
-        """Wait and retry after a first try found the lane taken."""
+    async def _acquire_direct(
+        self, session_id: str, asked_at: float, deadline: float, holder: Holder | None
+    ) -> LaneGrant:
+        """Wait and retry after a first try found the lane taken (by ``holder``, if the storage said)."""
         backoff = Backoff()
         while await self._wait(session_id, deadline, backoff):
-            grant = await self._try(session_id, asked_at)
+            grant, holder = await self._try(session_id, asked_at)
             if grant is not None:
                 return grant
-        raise await self._busy(session_id)
+        raise await self._busy(session_id, holder=holder)
 
     async def _acquire_queued(self, session_id: str, asked_at: float, deadline: float) -> LaneGrant:
         cap = self._settings.queue_cap
@@ -165,7 +168,7 @@ class Lanes:
         while True:
             position = await self._storage.queue_position(ticket, stale_ms=self.stale_ms)
             if position == 0:
-                grant = await self._try(session_id, asked_at)
+                grant, _ = await self._try(session_id, asked_at)
                 if grant is not None:
                     return grant
             if time.monotonic() >= renew_at:
@@ -174,18 +177,19 @@ class Lanes:
             if not await self._wait(session_id, deadline, backoff):
                 raise await self._busy(session_id, position)
 
-    async def _busy(self, session_id: str, queue_position: int = 0) -> SessionBusy:
+    async def _busy(self, session_id: str, queue_position: int = 0, *, holder: Holder | None = None) -> SessionBusy:
         return SessionBusy(
             f"session {session_id!r} has a turn in progress",
-            retry_after_ms=await self._estimate(session_id, queue_position),
+            retry_after_ms=await self._estimate(session_id, queue_position, holder),
             session_id=session_id,
         )
 
-    async def _estimate(self, session_id: str, queue_position: int) -> int:
-        """Retry-After for a busy answer; the holder's start comes from memory or the storage."""
+    async def _estimate(self, session_id: str, queue_position: int, holder: Holder | None = None) -> int:
+        """Retry-After for a busy answer; the holder's start comes from memory, ``holder`` or the storage."""
         if session_id in self._held:
             return self.estimate_retry_after_ms(session_id, queue_position)
-        holder = await self._storage.holder(LeaseKind.LANE, session_id)
+        if holder is None:
+            holder = await self._storage.holder(LeaseKind.LANE, session_id)
         elapsed_ms = 0.0 if holder is None else max(0.0, (time.time() - holder.since) * 1000)
         return self.estimate_retry_after_ms(session_id, queue_position, elapsed_ms=elapsed_ms)
 

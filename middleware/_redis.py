@@ -213,14 +213,21 @@ class RedisStorage(LeaseStorage):
     # leases
 
     async def try_acquire(self, kind: LeaseKind, session_id: str, *, stale_ms: int) -> RedisLease | None:
+        return (await self.try_acquire_or_holder(kind, session_id, stale_ms=stale_ms))[0]
+
+    async def try_acquire_or_holder(
+        self, kind: LeaseKind, session_id: str, *, stale_ms: int
+    ) -> tuple[RedisLease | None, Holder | None]:
         taken = await self._try_take(kind, session_id, stale_ms=stale_ms, replacing="")
         if isinstance(taken, RedisLease):
-            return taken
+            return taken, None
         _, holder = _parse_lease_value(taken)
         if holder.state(stale_ms) is not HolderState.DEAD_PID:  # a silent holder elsewhere expires by TTL
-            return None
+            return None, holder
         taken = await self._try_take(kind, session_id, stale_ms=stale_ms, replacing=taken, reclaimed=HolderState.DEAD_PID)
-        return taken if isinstance(taken, RedisLease) else None
+        if isinstance(taken, RedisLease):
+            return taken, None
+        return None, _parse_lease_value(taken)[1]  # another claimant reclaimed it first
 
     async def _try_take(self, kind: LeaseKind, session_id: str, *, stale_ms: int, replacing: str,
                         reclaimed: HolderState | None = None) -> RedisLease | str:

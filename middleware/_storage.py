@@ -174,6 +174,15 @@ class LeaseStorage(ABC):
         the session.
         """
 
+    async def try_acquire_or_holder(
+        self, kind: LeaseKind, session_id: str, *, stale_ms: int
+    ) -> tuple[StoredLease | None, Holder | None]:
+        """:meth:`try_acquire`; on refusal also the holder, where the attempt read it anyway (else ``None``).
+
+        Saves the busy answer a second read of the holder for its retry estimate.
+        """
+        return await self.try_acquire(kind, session_id, stale_ms=stale_ms), None
+
     @abstractmethod
     async def current_fence(self, session_id: str) -> int:
         """The newest fencing token issued for the session (0 if none)."""
