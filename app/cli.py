@@ -17,13 +17,15 @@ COMMANDS: tuple[str, ...] = ("serve", "send", "locks", "doctor")
 DEFAULT_COMMAND = "serve"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or just ``only``: importing ``serve`` (uvicorn, the app) costs
+    a quarter of a second that ``send`` need not pay."""
     parser = argparse.ArgumentParser(
         prog="sessiongate",
         description="AI chat gateway with fast session locks, lanes and contention answers.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         module = importlib.import_module(f"app.commands.{name}")
         command_parser = module.add_parser(subparsers)
         command_parser.set_defaults(run=module.run)
@@ -39,5 +41,6 @@ def with_default_command(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(with_default_command(sys.argv[1:] if argv is None else argv))
+    argv = with_default_command(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv[0] in COMMANDS else None).parse_args(argv)
     return int(args.run(args))
