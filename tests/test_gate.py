@@ -23,9 +23,9 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from middleware import SessionGate, Settings, lane_of
-from tests.support import REPO_ROOT, UvicornThread, assert_problem, free_port, wait_for
+from tests.support import NO_RATE_LIMITS, REPO_ROOT, UvicornThread, assert_problem, free_port, wait_for
+from tests.workers import settings_for
 
-NO_RATE_LIMITS = {"perSession": None, "perSender": None}
 
 
 def session_of(scope: Scope) -> str | None:
@@ -114,8 +114,7 @@ def raising_before_response(app: Any) -> Any:
 
 
 def make_settings(tmp_path: Path, backend: str = "memory://", **overrides: Any) -> Settings:
-    values = {"dataDir": str(tmp_path / "data"), "backend": {"url": backend}, "rateLimits": NO_RATE_LIMITS}
-    return Settings.load(env={}, overrides=values | overrides)
+    return settings_for(tmp_path / "data", backend, **({"rateLimits": NO_RATE_LIMITS} | overrides))
 
 
 @contextlib.contextmanager

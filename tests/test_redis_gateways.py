@@ -27,12 +27,11 @@ from middleware._redis import _Keys
 from middleware._storage import LeaseKind
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
-from tests.support import GatewayProcess, assert_problem, messages_url, wait_for
+from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
 KEY_PREFIX = "sgpair"
-NO_RATE_LIMITS = {"perSession": None, "perSender": None}
 
 StartPair = Callable[..., tuple[GatewayProcess, GatewayProcess]]
 

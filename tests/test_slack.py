@@ -22,7 +22,7 @@ import pytest
 from app._server import create_app
 from middleware import Settings, open_backend
 from tests.fakes.slack_api import BOT_TOKEN, FakeSlackApi
-from tests.support import GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript
+from tests.support import NO_RATE_LIMITS, GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 BOT_USER = "UBOT"
@@ -37,7 +37,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, slack_api: FakeSlackApi) -
         "channels": {"slack": {"apiBase": slack_api.url}},
         "providers": [{"id": "echo", "type": "echo", "delayMs": 1_000}],
         "sessionWriteLock": {"timeoutMs": 300},
-        "rateLimits": {"perSession": None, "perSender": None},
+        "rateLimits": NO_RATE_LIMITS,
     }
     with GatewayProcess(tmp_path_factory.mktemp("slack") / "data", config, env=ENV) as process:
         yield process

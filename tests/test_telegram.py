@@ -17,7 +17,7 @@ import pytest
 from app._server import create_app
 from middleware import Settings, TranscriptStore, open_backend
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
-from tests.support import GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript, wait_until
+from tests.support import NO_RATE_LIMITS, GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript, wait_until
 
 ENV = {"TELEGRAM_BOT_TOKEN": BOT_TOKEN}
 
@@ -27,7 +27,7 @@ def gateway_config(api_base: str, *, delay_ms: int) -> dict[str, Any]:
         "channels": {"telegram": {"secretToken": SECRET, "apiBase": api_base}},
         "providers": [{"id": "echo", "type": "echo", "delayMs": delay_ms}],
         "sessionWriteLock": {"timeoutMs": 300},
-        "rateLimits": {"perSession": None, "perSender": None},
+        "rateLimits": NO_RATE_LIMITS,
     }
 
 

@@ -58,11 +58,11 @@ def machine() -> str:
 def quick_correctness() -> list[dict]:
     """Two gateways, 16 clients, 4 sessions, 15 s: nothing lost, nothing duplicated."""
     from tests.chaos.soak import audit, run_soak
-    from tests.support import GatewayProcess
+    from tests.support import NO_RATE_LIMITS, GatewayProcess
 
     config = {
         "providers": [{"id": "echo", "type": "echo", "delayMs": 10}],
-        "rateLimits": {"perSession": None, "perSender": None},
+        "rateLimits": NO_RATE_LIMITS,
     }
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import GatewayProcess
+from tests.support import NO_RATE_LIMITS, GatewayProcess
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
 
@@ -31,7 +31,7 @@ TELEGRAM_SECRET = "fuzz-secret"
 
 def test_schemathesis_finds_no_violation_of_the_openapi_document(tmp_path: Path) -> None:
     config = {
-        "rateLimits": {"perSession": None, "perSender": None},
+        "rateLimits": NO_RATE_LIMITS,
         "channels": {"telegram": {"secretToken": TELEGRAM_SECRET}, "slack": {}},
     }
     with GatewayProcess(tmp_path / "data", config, env={"SLACK_SIGNING_SECRET": "fuzz-signing"}) as gateway:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.soak import audit, run_soak
-from tests.support import GatewayProcess
+from tests.support import NO_RATE_LIMITS, GatewayProcess
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
@@ -25,7 +25,7 @@ def soak_config() -> dict:
     return {
         "providers": [{"id": "echo", "type": "echo", "delayMs": 20}],
         "sessionWriteLock": {"timeoutMs": 2000, "staleMs": STALE_MS},
-        "rateLimits": {"perSession": None, "perSender": None},
+        "rateLimits": NO_RATE_LIMITS,
     }
 
 

@@ -8,11 +8,12 @@ from typing import Any
 from app._server import create_app
 from middleware import Settings
 from tests.support import UvicornThread
+from tests.workers import settings_for
 
 
 def gateway_settings(data_dir: Path, config: dict[str, Any] | None = None) -> Settings:
     """Settings from ``config`` (camelCase, as in a config file) alone: the environment is not read."""
-    return Settings.load(env={}, overrides={"dataDir": str(data_dir), **(config or {})})
+    return settings_for(data_dir, **(config or {}))
 
 
 def serve_gateway(data_dir: Path, config: dict[str, Any] | None = None) -> UvicornThread:

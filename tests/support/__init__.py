@@ -29,6 +29,7 @@ REDIS_SERVER = "redis://127.0.0.1:6379"  # the local server; tests reserve a dat
 
 
 PROBLEM = "application/problem+json"
+NO_RATE_LIMITS = {"perSession": None, "perSender": None}  # rateLimits for tests that send many messages
 
 
 def messages_url(base: str, session_id: str) -> str:
