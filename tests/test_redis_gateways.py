@@ -23,11 +23,13 @@ import httpx
 import pytest
 import redis
 
+from middleware import open_backend
 from middleware._redis import _Keys
 from middleware._storage import LeaseKind
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, wait_for
+from tests.workers import settings_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
@@ -86,22 +88,29 @@ async def test_contention_across_instances_one_200_one_409_and_one_model_call(st
 
 
 async def test_queue_mode_keeps_arrival_order_across_instances(
-    start_pair: StartPair, redis_client: redis.Redis
+    start_pair: StartPair, redis_client: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     config = {"lane": {"mode": "queue", "queueCap": 8},
               "providers": [{"id": "echo", "type": "echo", "delayMs": 400}]}
     a, b = start_pair(config)
-    queue_key = f"{KEY_PREFIX}:{{q1}}:queue"
-    async with httpx.AsyncClient(timeout=30) as client:
-        posts = []
-        for number, gateway in enumerate([a, b, a, b, b]):
-            posts.append(asyncio.create_task(client.post(messages_url(gateway.url, "q1"), json={"text": f"m{number}"})))
-            if number == 0:
-                await wait_for(lambda: lane_holder_pid(redis_client, "q1") == a.pid)
-            else:  # the next one is sent only once this one has its place in the queue
-                await wait_for(lambda n=number: redis_client.zcard(queue_key) == n)
-        answers = await asyncio.gather(*posts)
-        transcript = await client.get(messages_url(a.url, "q1"))
+    queue_key = _Keys(KEY_PREFIX).queue("q1")
+    # This test holds the lane until all five have their place: no turn can drain the queue meanwhile,
+    # however slow the machine (a first turn of 400 ms used to race the enqueueing).
+    holder = open_backend(settings_for(tmp_path / "data", backend={"url": redis_url, "keyPrefix": KEY_PREFIX}))
+    grant = await holder.acquire_lane("q1")
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            posts = []
+            for number, gateway in enumerate([a, b, a, b, b]):
+                posts.append(asyncio.create_task(client.post(messages_url(gateway.url, "q1"), json={"text": f"m{number}"})))
+                # the next one is sent only once this one has its place in the queue
+                await wait_for(lambda n=number + 1: redis_client.zcard(queue_key) == n)
+            await grant.release()
+            answers = await asyncio.gather(*posts)
+            transcript = await client.get(messages_url(a.url, "q1"))
+    finally:
+        await grant.release()
+        await holder.aclose()
     assert [answer.status_code for answer in answers] == [200] * 5
     expected = []
     for number in range(5):
