@@ -2,5 +2,5 @@
 
 Built on the ``middleware`` package (session lanes, write locks, transcripts,
 ``SessionGate``). :func:`app._server.create_app` builds the ASGI app;
-``sessiongate serve`` (:mod:`app.commands.serve`) runs it under uvicorn.
+``sessiongate serve`` (:mod:`sessiongate.gateway.commands.serve`) runs it under uvicorn.
 """

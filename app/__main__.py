@@ -1,4 +1,4 @@
-"""``python -m app`` is the ``sessiongate`` command."""
+"""``python -m sessiongate.gateway`` is the ``sessiongate`` command."""
 
 from .cli import main
 

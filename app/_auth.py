@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from middleware import Unauthorized
-from middleware._problem import problem_response
+from sessiongate import Unauthorized
+from sessiongate._problem import problem_response
 
 PROTECTED_PREFIX = "/v1/sessions"
 

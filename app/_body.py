@@ -1,6 +1,6 @@
 """Request bodies: a size limit for every request, and the message API's validation before the gate.
 
-Both run in front of :class:`middleware.SessionGate`, in the contract's order
+Both run in front of :class:`sessiongate.SessionGate`, in the contract's order
 (auth, body limit and validation, rate limits, Idempotency-Key, lane): a
 request that is too large or malformed is refused with 413 / 400
 problem+json before it can spend a rate-limit slot, an idempotency record or
@@ -17,11 +17,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware import InvalidRequest, PayloadTooLarge, SessionGateError, validate_session_id
-from middleware._gate import read_body, replaying
-from middleware._problem import send_problem
+from sessiongate import InvalidRequest, PayloadTooLarge, SessionGateError, validate_session_id
+from sessiongate._gate import read_body, replaying
+from sessiongate._problem import send_problem
 
-MESSAGE_STATE_KEY = "app.message"
+MESSAGE_STATE_KEY = "sessiongate.message"
 # Matches any id, valid or not (even one with "/"), so a bad one reads as invalid-session-id, not 404.
 _MESSAGES_PATH = re.compile(r"/v1/sessions/(?P<session_id>.*)/messages", re.DOTALL)
 MAX_TEXT_CHARS = 32_000

@@ -1,7 +1,7 @@
 """The :class:`Gateway`: everything routes and background workers share, built once per process.
 
 Created in the app's lifespan (so every uvicorn worker has its own) and kept
-at ``app.state.gateway``; a route reaches it as ``request.app.state.gateway``,
+at ``sessiongate.gateway.state.gateway``; a route reaches it as ``request.app.state.gateway``,
 a channel worker gets it passed to ``start(gateway)``.
 """
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from middleware import Backend, Settings, TranscriptStore
+from sessiongate import Backend, Settings, TranscriptStore
 
 from .providers import Failover, build_failover
 from .turns import TurnRunner

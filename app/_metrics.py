@@ -1,4 +1,4 @@
-"""Prometheus series of the gateway itself (the session layer's are in ``middleware._metrics``).
+"""Prometheus series of the gateway itself (the session layer's are in ``sessiongate._metrics``).
 
 Provider calls are counted per provider and outcome, failures per reason, so
 a dashboard tells a slow or failing model apart from session contention

@@ -3,14 +3,14 @@
 Middleware, outer to inner (each refuses what it can before the next costs more):
 
 1. CORS: browsers may read ``Retry-After``, ``RateLimit*``, ``Idempotent-Replayed``.
-2. :class:`~app._logging.RequestLog`: request id, one structured line per request.
+2. :class:`~sessiongate.gateway._logging.RequestLog`: request id, one structured line per request.
 3. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
    500 ``internal-error`` problem (inside CORS and the log, so error answers
    carry CORS headers and are logged with their status and request id).
-4. :class:`~app._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
-5. :class:`~app._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
-6. :class:`~app._body.MessageValidation`: session id and message body (400).
-7. :class:`middleware.SessionGate`: rate limits, Idempotency-Key, the session's
+4. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
+5. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
+6. :class:`~sessiongate.gateway._body.MessageValidation`: session id and message body (400).
+7. :class:`sessiongate.SessionGate`: rate limits, Idempotency-Key, the session's
    lane, for ``POST /v1/sessions/{id}/messages`` only.
 
 Routes raise typed errors; the exception handlers answer them as problem+json,
@@ -34,10 +34,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from middleware import SessionGate, SessionGateError, Settings, open_backend
-from middleware._gate import client_address
-from middleware._ids import is_valid_session_id
-from middleware._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
+from sessiongate import SessionGate, SessionGateError, Settings, open_backend
+from sessiongate._gate import client_address
+from sessiongate._ids import is_valid_session_id
+from sessiongate._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
 
 from . import channels
 from ._auth import BearerAuth
@@ -170,7 +170,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
 
 
 def app_from_environment() -> Starlette:
-    """uvicorn's factory (``app._server:app_from_environment``): the settings ``serve`` resolved, per worker."""
+    """uvicorn's factory (``sessiongate.gateway._server:app_from_environment``): the settings ``serve`` resolved, per worker."""
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     configure_logging(settings.server.log_format)
     return create_app(settings)

@@ -26,7 +26,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS if only is None else (only,):
-        module = importlib.import_module(f"app.commands.{name}")
+        module = importlib.import_module(f"sessiongate.gateway.commands.{name}")
         command_parser = module.add_parser(subparsers)
         command_parser.set_defaults(run=module.run)
     return parser

@@ -3,7 +3,7 @@
 A provider turns a conversation into a reply. :class:`Failover` walks the
 configured ``providers`` in order and moves on ONLY on :class:`ProviderError`
 (connection error, timeout, HTTP 5xx / 429 / other refusal, malformed answer).
-Errors of the session layer (``middleware.SessionGateError``: busy lane, lock
+Errors of the session layer (``sessiongate.SessionGateError``: busy lane, lock
 timeout, backend down, fenced out) are not caught here: they abort the walk at
 once, never count against a provider, and can never read as "all providers
 failed".
@@ -26,8 +26,8 @@ from typing import ClassVar
 
 import httpx
 
-from middleware import SessionGateError
-from middleware._config import ProviderSettings, Settings
+from sessiongate import SessionGateError
+from sessiongate._config import ProviderSettings, Settings
 
 from ._metrics import ALL_PROVIDERS_FAILED, PROVIDER_CALLS, PROVIDER_FAILURES, PROVIDER_SECONDS
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from middleware import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore
-from middleware._store import new_record_id, utc_now
+from sessiongate import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore
+from sessiongate._store import new_record_id, utc_now
 
 from .providers import ChatMessage, Failover
 

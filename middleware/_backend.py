@@ -18,10 +18,10 @@ from ._waiting import Heartbeats
 from ._write_lock import WriteLockHold, WriteLocks
 
 _STORAGES: dict[str, str] = {  # one entry per _config.STORAGE_SCHEMES
-    "memory": "middleware._memory:MemoryStorage",
-    "file": "middleware._file:FileStorage",
-    "redis": "middleware._redis:RedisStorage",
-    "rediss": "middleware._redis:RedisStorage",
+    "memory": "sessiongate._memory:MemoryStorage",
+    "file": "sessiongate._file:FileStorage",
+    "redis": "sessiongate._redis:RedisStorage",
+    "rediss": "sessiongate._redis:RedisStorage",
 }
 
 

@@ -5,7 +5,7 @@ Every error a client can see maps to one problem type of the contract
 ``retry_after_ms`` so callers never parse strings to know when to come back.
 
 None of these is a provider error: the gateway's failover walks its provider
-list only on ``app.providers.ProviderError``, so a lock or lane problem can
+list only on ``sessiongate.gateway.providers.ProviderError``, so a lock or lane problem can
 never read as "all models failed".
 """
 

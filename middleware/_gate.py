@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._backend import Backend, open_backend
@@ -46,7 +45,7 @@ def lane_of(scope: Scope) -> LaneGrant | None:
 
 
 @functools.cache
-def _answers(problem_type: str) -> Counter:
+def _answers(problem_type: str) -> Any:
     """The contention-answer counter of one answer type (``labels()`` looked up once per type)."""
     return CONTENTION_ANSWERS.labels(type=problem_type)
 

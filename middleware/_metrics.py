@@ -4,16 +4,55 @@ Defined once here so every module counts into the same series. They live in
 prometheus-client's default registry; under ``--workers N`` the gateway sets
 ``PROMETHEUS_MULTIPROC_DIR`` before this module is imported, which makes the
 same objects write to per-process files that ``/metrics`` aggregates.
+
+prometheus-client is optional for the library (``sessiongate[metrics]``; the
+gateway always has it): without it every series is an inert stand-in, so an
+embedding app pays nothing for metrics it does not scrape.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from prometheus_client import Counter, Gauge, Histogram
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._storage import StoredLease
+
+__all__ = [
+    "CONTENTION_ANSWERS",
+    "FENCING_REFUSALS",
+    "LANE_WAIT_SECONDS",
+    "QUEUE_DEPTH",
+    "TAKEOVERS",
+    "TURN_SECONDS",
+    "WRITE_LOCK_HOLD_SECONDS",
+    "WRITE_LOCK_WAIT_SECONDS",
+    "count_takeover",
+]
+
+
+class _Inert:
+    """A metric that records nothing: what every series is when prometheus-client is not installed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Inert:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+try:
+    from prometheus_client import Counter, Gauge, Histogram
+except ImportError:  # the library without the [metrics] extra
+    Counter = Gauge = Histogram = _Inert  # type: ignore[assignment,misc]
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _SLOW = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

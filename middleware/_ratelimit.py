@@ -20,7 +20,7 @@ are in ``docs/gate.md`` ("Rate limits").
 
 Counting goes through ``limits``' async fixed-window strategy; the storage
 follows ``backend.url``. With ``file://`` and ``memory://`` each process
-counts alone, in :class:`~middleware._window_counts.LazyMemoryStorage`
+counts alone, in :class:`~sessiongate._window_counts.LazyMemoryStorage`
 (``limits``' storage interface, with no background expiry: see that module
 for the cost of ``limits``' own memory storages on an event loop). With
 ``redis://`` / ``rediss://`` the counts are shared through ``limits``' async

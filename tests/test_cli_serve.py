@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.cli import with_default_command
+from sessiongate.gateway.cli import with_default_command
 from tests.support import GatewayProcess, free_port, messages_url, run_cli
 
 

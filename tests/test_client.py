@@ -20,7 +20,7 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from app.client import (
+from sessiongate.gateway.client import (
     AsyncSessionGateClient,
     retry_after_ms,
     GaveUp,
@@ -29,9 +29,9 @@ from app.client import (
     RetryPolicy,
     SessionGateClient,
 )
-from middleware import Settings
-from middleware._backend import open_storage
-from middleware._storage import LeaseKind
+from sessiongate import Settings
+from sessiongate._backend import open_storage
+from sessiongate._storage import LeaseKind
 from tests.support import GatewayProcess, free_port, run_cli, wait_until
 
 TURN_MS = 1500

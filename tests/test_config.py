@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from middleware._config import Settings
-from middleware._errors import ConfigError
+from sessiongate._config import Settings
+from sessiongate._errors import ConfigError
 
 
 def _file(tmp_path: Path, values: object) -> Path:

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from app.cli import build_parser, with_default_command
-from middleware._config import Settings
-from middleware._problem import PROBLEM_TYPE_BASE
+from sessiongate.gateway.cli import build_parser, with_default_command
+from sessiongate._config import Settings
+from sessiongate._problem import PROBLEM_TYPE_BASE
 from tests.support import REPO_ROOT, GatewayProcess
 
 DEPLOY = REPO_ROOT / "deploy"

@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from middleware import Settings, TranscriptStore, open_backend
+from sessiongate import Settings, TranscriptStore, open_backend
 from tests.support import free_port, run_cli
 
 

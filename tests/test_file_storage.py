@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from middleware._errors import BackendUnavailable
-from middleware import _file
-from middleware._file import FileRecords, FileStorage, LockPathAttack
-from middleware._storage import HolderState, LeaseKind
+from sessiongate._errors import BackendUnavailable
+from sessiongate import _file
+from sessiongate._file import FileRecords, FileStorage, LockPathAttack
+from sessiongate._storage import HolderState, LeaseKind
 from tests.support import wait_until
 from tests.workers import settings_for, spawn, wait_for_report
 

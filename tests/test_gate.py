@@ -22,7 +22,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from middleware import SessionGate, Settings, lane_of
+from sessiongate import SessionGate, Settings, lane_of
 from tests.support import NO_RATE_LIMITS, REPO_ROOT, UvicornThread, assert_problem, free_port, wait_for
 from tests.workers import settings_for
 

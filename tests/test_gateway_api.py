@@ -18,8 +18,8 @@ import httpx
 import jsonschema_rs
 import pytest
 
-from app._server import create_app
-from middleware._problem import PROBLEM_TYPE_BASE
+from sessiongate.gateway._server import create_app
+from sessiongate._problem import PROBLEM_TYPE_BASE
 from tests.fakes import gateway_settings, serve_gateway
 from tests.support import assert_problem, messages_url, wait_for
 from tests.fakes.openai_server import FakeOpenAI

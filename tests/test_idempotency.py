@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from middleware import open_backend
-from middleware._config import Settings
-from middleware._errors import IdempotencyInFlight, IdempotencyKeyReused, InvalidRequest
-from middleware._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
-from middleware._storage import RecordStorage
+from sessiongate import open_backend
+from sessiongate._config import Settings
+from sessiongate._errors import IdempotencyInFlight, IdempotencyKeyReused, InvalidRequest
+from sessiongate._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
+from sessiongate._storage import RecordStorage
 
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/sessions/s1/messages", "headers": []}
 ANSWER = StoredAnswer(200, [(b"content-type", b"application/json")], b'{"reply":"hi"}')

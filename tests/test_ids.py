@@ -7,8 +7,8 @@ import string
 
 import pytest
 
-from middleware._errors import InvalidSessionId
-from middleware._ids import file_stem, is_valid_session_id, session_id_from_stem, validate_session_id
+from sessiongate._errors import InvalidSessionId
+from sessiongate._ids import file_stem, is_valid_session_id, session_id_from_stem, validate_session_id
 
 VALID = ["a", "chat:42", "telegram:-100123", "user@example.com", "A.b_c-d", "..a", ".hidden", "x" * 128]
 INVALID = ["", ".", "..", "a b", "x" * 129, "nul\0", "a/b", "a/../b", "../x", "/etc", "é", "a\\b", "a\n", "%41", None, 42]

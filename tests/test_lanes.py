@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from middleware._errors import QueueFull, SessionBusy
-from middleware._lanes import Lanes
-from middleware._memory import MemoryStorage
+from sessiongate._errors import QueueFull, SessionBusy
+from sessiongate._lanes import Lanes
+from sessiongate._memory import MemoryStorage
 from tests.workers import settings_for, sibling_backends
 
 pytestmark = pytest.mark.anyio

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from middleware import Settings, TranscriptStore, open_backend
+from sessiongate import Settings, TranscriptStore, open_backend
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import GatewayProcess, wait_until
 

@@ -2,7 +2,7 @@
 
 Each holder is a separate Python process that takes a lease through the real
 file storage and renews it (the heartbeat) until it is killed or stopped. The
-CLI runs as a subprocess (``python -m app locks ...``), as an operator would.
+CLI runs as a subprocess (``python -m sessiongate.gateway locks ...``), as an operator would.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from middleware import _memory
-from middleware._backend import open_storage
-from middleware._memory import MemoryRecords
-from middleware._storage import HolderState, LeaseKind, LeaseStorage
+from sessiongate import _memory
+from sessiongate._backend import open_storage
+from sessiongate._memory import MemoryRecords
+from sessiongate._storage import HolderState, LeaseKind, LeaseStorage
 from tests.workers import settings_for
 
 pytestmark = pytest.mark.anyio

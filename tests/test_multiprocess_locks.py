@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from middleware._backend import open_backend
-from middleware._errors import SessionBusy
-from middleware._storage import HolderState, LeaseKind
-from middleware._store import TranscriptStore
+from sessiongate._backend import open_backend
+from sessiongate._errors import SessionBusy
+from sessiongate._storage import HolderState, LeaseKind
+from sessiongate._store import TranscriptStore
 from tests.support import wait_until
 from tests.workers import publish, settings_for, spawn, wait_for_report
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from middleware._config import Settings
-from middleware._errors import (
+from sessiongate._config import Settings
+from sessiongate._errors import (
     BackendUnavailable,
     IdempotencyInFlight,
     IdempotencyKeyReused,
@@ -21,7 +21,7 @@ from middleware._errors import (
     SessionGateError,
     Unauthorized,
 )
-from middleware._problem import (
+from sessiongate._problem import (
     problem_body,
     problem_json,
     problem_response,

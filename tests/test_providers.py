@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import httpx
 import pytest
 
-from app._metrics import PROVIDER_FAILURES
-from app.providers import (
+from sessiongate.gateway._metrics import PROVIDER_FAILURES
+from sessiongate.gateway.providers import (
     AllProvidersFailed,
     ChatMessage,
     EchoProvider,
@@ -27,8 +27,8 @@ from app.providers import (
     ProviderError,
     chat_completions_url,
 )
-from middleware import LockTimeout, SessionBusy
-from middleware._config import ProviderSettings
+from sessiongate import LockTimeout, SessionBusy
+from sessiongate._config import ProviderSettings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import free_port
 

@@ -9,11 +9,11 @@ import time
 import pytest
 import redis
 
-from middleware._config import Settings
-from middleware._errors import BackendUnavailable, RateLimited
-from middleware import _window_counts
-from middleware._ratelimit import RateLimits, is_shared
-from middleware._window_counts import LazyMemoryStorage
+from sessiongate._config import Settings
+from sessiongate._errors import BackendUnavailable, RateLimited
+from sessiongate import _window_counts
+from sessiongate._ratelimit import RateLimits, is_shared
+from sessiongate._window_counts import LazyMemoryStorage
 from tests.support import free_port
 
 

@@ -1,6 +1,6 @@
 """Two gateway processes, one Redis, one shared data dir: they behave as one gateway.
 
-Each test starts two real ``python -m app serve`` processes on their own
+Each test starts two real ``python -m sessiongate.gateway serve`` processes on their own
 ports with ``backend.url`` pointing at the local Redis (the run's own database) and the same
 data dir, then drives them with httpx: one turn per session across both,
 queue order across both, shared rate limits, idempotency replays and
@@ -23,9 +23,9 @@ import httpx
 import pytest
 import redis
 
-from middleware import open_backend
-from middleware._redis import _Keys
-from middleware._storage import LeaseKind
+from sessiongate import open_backend
+from sessiongate._redis import _Keys
+from sessiongate._storage import LeaseKind
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, wait_for

@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from middleware._config import Settings
-from middleware._errors import BackendUnavailable
-from middleware._redis import RedisStorage
-from middleware._storage import Holder, HolderState, LeaseKind
+from sessiongate._config import Settings
+from sessiongate._errors import BackendUnavailable
+from sessiongate._redis import RedisStorage
+from sessiongate._storage import Holder, HolderState, LeaseKind
 from tests.support import REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
@@ -54,9 +54,9 @@ async def other(redis_url: str) -> AsyncIterator[RedisStorage]:
 HOLDER_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from middleware._config import Settings
-    from middleware._redis import RedisStorage
-    from middleware._storage import LeaseKind
+    from sessiongate._config import Settings
+    from sessiongate._redis import RedisStorage
+    from sessiongate._storage import LeaseKind
 
     async def main():
         storage = RedisStorage.from_settings(Settings.load(

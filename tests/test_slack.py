@@ -19,8 +19,8 @@ import anyio
 import httpx
 import pytest
 
-from app._server import create_app
-from middleware import Settings, open_backend
+from sessiongate.gateway._server import create_app
+from sessiongate import Settings, open_backend
 from tests.fakes.slack_api import BOT_TOKEN, FakeSlackApi
 from tests.support import NO_RATE_LIMITS, GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript
 

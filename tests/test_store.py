@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from middleware._backend import open_backend
-from middleware._errors import FencedOut, InvalidSessionId, SessionBusy, SessionGateError
-from middleware._metrics import FENCING_REFUSALS
-from middleware._store import TranscriptStore
+from sessiongate._backend import open_backend
+from sessiongate._errors import FencedOut, InvalidSessionId, SessionBusy, SessionGateError
+from sessiongate._metrics import FENCING_REFUSALS
+from sessiongate._store import TranscriptStore
 from tests.workers import settings_for, sibling_backends
 
 pytestmark = pytest.mark.anyio

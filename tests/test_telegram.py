@@ -14,8 +14,8 @@ import anyio
 import httpx
 import pytest
 
-from app._server import create_app
-from middleware import Settings, TranscriptStore, open_backend
+from sessiongate.gateway._server import create_app
+from sessiongate import Settings, TranscriptStore, open_backend
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
 from tests.support import NO_RATE_LIMITS, GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript, wait_until
 

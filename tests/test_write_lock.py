@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from middleware._errors import LockTimeout, SessionBusy
+from sessiongate._errors import LockTimeout, SessionBusy
 from tests.workers import settings_for, sibling_backends
 
 pytestmark = pytest.mark.anyio

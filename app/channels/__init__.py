@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 from starlette.routing import BaseRoute, Route
 
-from middleware import Settings
+from sessiongate import Settings
 
 from .slack import SlackChannel, slack_webhook
 from .telegram import TelegramChannel, telegram_webhook
 from .worker import Channel, ChannelNotConfigured, ChannelWorker
 
 if TYPE_CHECKING:
-    from app._context import Gateway
+    from sessiongate.gateway._context import Gateway
 
 __all__ = ["ChannelNotConfigured", "ChannelWorker", "configured_channels", "routes", "start", "stop"]
 

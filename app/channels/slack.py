@@ -6,7 +6,7 @@ signature check the webhook always answers 2xx: it makes the message durable
 in its transcript when the write lock comes quickly, and otherwise (lock busy,
 backend down, the same event being accepted right now) writes it to the local
 spool (:class:`app.channels.worker.Spool`), which a background task appends
-later. The turn runs after the ack, in :mod:`app.channels.worker`.
+later. The turn runs after the ack, in :mod:`sessiongate.gateway.channels.worker`.
 
 Sessions follow Slack's conversations: ``slack:<team>:<channel>`` for a
 channel's top level, ``slack:<team>:<channel>:<thread_ts>`` for a thread (the
@@ -27,9 +27,9 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from middleware import RetryableError, Unauthorized
-from middleware._config import SlackSettings
-from middleware._ids import is_valid_session_id
+from sessiongate import RetryableError, Unauthorized
+from sessiongate._config import SlackSettings
+from sessiongate._ids import is_valid_session_id
 
 from .worker import (
     Acceptance,

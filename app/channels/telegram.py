@@ -5,7 +5,7 @@ integer ``Retry-After`` on a 429. So the webhook checks the secret token,
 makes the message durable (:meth:`ChannelWorker.accept`) and answers 200; only
 when the transcript's write lock cannot be had in time does it answer 429, and
 then nothing was written, so Telegram's retry is processed normally. The turn
-runs later, in :mod:`app.channels.worker`, in ``update_id`` order per chat.
+runs later, in :mod:`sessiongate.gateway.channels.worker`, in ``update_id`` order per chat.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from middleware import InvalidRequest, SessionBusy, Unauthorized
-from middleware._config import TelegramSettings
-from middleware._problem import problem_response
+from sessiongate import InvalidRequest, SessionBusy, Unauthorized
+from sessiongate._config import TelegramSettings
+from sessiongate._problem import problem_response
 
 from .worker import (
     Acceptance,

@@ -47,14 +47,14 @@ import httpx
 from starlette.requests import Request
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from app._body import json_object
-from app._logging import SESSION_ID
-from app._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
-from middleware import LaneGrant, RetryableError, SessionBusy, SessionGateError
-from middleware._ids import file_stem
+from sessiongate.gateway._body import json_object
+from sessiongate.gateway._logging import SESSION_ID
+from sessiongate.gateway._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
+from sessiongate import LaneGrant, RetryableError, SessionBusy, SessionGateError
+from sessiongate._ids import file_stem
 
 if TYPE_CHECKING:
-    from app._context import Gateway
+    from sessiongate.gateway._context import Gateway
 
 logger = logging.getLogger("sessiongate.channels")
 

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from middleware import Backend, BackendUnavailable, ConfigError, Settings, TranscriptStore, open_backend
-from middleware._config import CONFIG_PATH_ENV
-from middleware._storage import HolderState
+from sessiongate import Backend, BackendUnavailable, ConfigError, Settings, TranscriptStore, open_backend
+from sessiongate._config import CONFIG_PATH_ENV
+from sessiongate._storage import HolderState
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
 from .locks import holder_views, transcript_info

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from middleware import (
+from sessiongate import (
     Backend,
     BackendUnavailable,
     ConfigError,
@@ -35,7 +35,7 @@ from middleware import (
     open_backend,
     validate_session_id,
 )
-from middleware._storage import Holder, HolderState, LeaseKind, LeaseStorage
+from sessiongate._storage import Holder, HolderState, LeaseKind, LeaseStorage
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE, load_settings, settings_options
 

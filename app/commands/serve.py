@@ -21,7 +21,7 @@ from typing import Any
 
 import uvicorn
 
-from middleware import ConfigError, Settings
+from sessiongate import ConfigError, Settings
 
 from .._logging import configure_logging
 from .._server import SETTINGS_ENV
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_dir = multiprocess_metrics_dir(settings) if settings.server.workers > 1 else None
     try:
         uvicorn.run(
-            "app._server:app_from_environment",
+            "sessiongate.gateway._server:app_from_environment",
             factory=True,
             host=settings.server.host,
             port=settings.server.port,

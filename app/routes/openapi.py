@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from middleware._idempotency import MAX_KEY_LENGTH
-from middleware._ids import _SESSION_ID
-from middleware._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from sessiongate._idempotency import MAX_KEY_LENGTH
+from sessiongate._ids import _SESSION_ID
+from sessiongate._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
 

@@ -1,7 +1,7 @@
 """The messages API: ``POST`` runs one turn, ``GET`` reads the transcript.
 
 By the time ``SessionMessages.post`` runs, the middleware stack has checked the
-token, the body (:mod:`app._body`), rate limits, the Idempotency-Key and the
+token, the body (:mod:`sessiongate.gateway._body`), rate limits, the Idempotency-Key and the
 session's lane: the route only runs the turn under the lane it was given.
 """
 
@@ -12,9 +12,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from middleware import SessionGateError
-from middleware._gate import lane_of
-from middleware._idempotency import idempotency_key
+from sessiongate import SessionGateError
+from sessiongate._gate import lane_of
+from sessiongate._idempotency import idempotency_key
 
 from .._body import message_of
 from .._context import Gateway

@@ -74,7 +74,7 @@ def bare_app() -> Starlette:
 
 
 def gate_app() -> Starlette:
-    from middleware import SessionGate, Settings
+    from sessiongate import SessionGate, Settings
 
     app = Starlette(routes=_routes())
     app.add_middleware(SessionGate, settings=Settings.load(), session_key=_session_of)
@@ -400,7 +400,7 @@ def bench_goodput(tmp: Path, quick: bool) -> list[dict]:
 
 def bench_gate_cost(tmp: Path, quick: bool) -> list[dict]:
     """CPU per request spent in the gate itself, in process (no HTTP, no uvicorn): where time goes."""
-    from middleware import SessionGate, Settings
+    from sessiongate import SessionGate, Settings
 
     async def trivial(scope: Scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})

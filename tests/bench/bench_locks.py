@@ -31,10 +31,10 @@ from typing import Any
 
 import filelock
 
-from middleware._backend import open_backend
-from middleware._config import Settings
-from middleware._errors import SessionBusy
-from middleware._store import TranscriptStore
+from sessiongate._backend import open_backend
+from sessiongate._config import Settings
+from sessiongate._errors import SessionBusy
+from sessiongate._store import TranscriptStore
 from tests.support import wait_until
 from tests.workers import settings_for, spawn
 

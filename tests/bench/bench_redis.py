@@ -35,7 +35,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
-from middleware import Settings, TranscriptStore, open_backend
+from sessiongate import Settings, TranscriptStore, open_backend
 from tests.support import REDIS_SERVER
 
 BENCH_REDIS_URL = REDIS_SERVER + "/14"  # a database no test run reserves (see tests/conftest.py)

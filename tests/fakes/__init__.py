@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app._server import create_app
-from middleware import Settings
+from sessiongate.gateway._server import create_app
+from sessiongate import Settings
 from tests.support import UvicornThread
 from tests.workers import settings_for
 

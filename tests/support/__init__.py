@@ -22,7 +22,7 @@ import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from middleware._problem import PROBLEM_TYPE_BASE
+from sessiongate._problem import PROBLEM_TYPE_BASE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REDIS_SERVER = "redis://127.0.0.1:6379"  # the local server; tests reserve a database on it (see conftest)
@@ -98,9 +98,9 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m app ARGS`` as an operator runs it: a separate process, a clean environment plus ``env``."""
+    """``python -m sessiongate.gateway ARGS`` as an operator runs it: a separate process, a clean environment plus ``env``."""
     return subprocess.run(
-        [sys.executable, "-m", "app", *args], cwd=REPO_ROOT, env=clean_env(env),
+        [sys.executable, "-m", "sessiongate.gateway", *args], cwd=REPO_ROOT, env=clean_env(env),
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -144,7 +144,7 @@ class UvicornThread:
 
 
 class GatewayProcess:
-    """``python -m app serve`` as a separate OS process, with its own config file."""
+    """``python -m sessiongate.gateway serve`` as a separate OS process, with its own config file."""
 
     def __init__(
         self,
@@ -163,7 +163,7 @@ class GatewayProcess:
         self.config_path.write_text(json.dumps(dict(config or {})))
         self.log_path = self.data_dir.parent / f"gateway-{self.port}.log"
         self.args = [
-            sys.executable, "-m", "app", "serve",
+            sys.executable, "-m", "sessiongate.gateway", "serve",
             "--config", str(self.config_path),
             "--data-dir", str(self.data_dir),
             "--host", "127.0.0.1",

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from middleware._backend import Backend, open_backend
-from middleware._config import Settings
+from sessiongate._backend import Backend, open_backend
+from sessiongate._config import Settings
 from tests.support import REPO_ROOT, clean_env
 
 
@@ -67,9 +67,9 @@ HOLDER_STALE_MS = 1000
 
 HOLDER_SCRIPT = """
 import asyncio, sys
-from middleware import Settings
-from middleware._backend import open_storage
-from middleware._storage import LeaseKind
+from sessiongate import Settings
+from sessiongate._backend import open_storage
+from sessiongate._storage import LeaseKind
 
 async def main(data_dir, kind, session_id, stale_ms):
     storage = open_storage(Settings.load(overrides={"dataDir": data_dir}))  # backend.url from the env

@@ -15,11 +15,11 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from middleware._backend import open_backend
-from middleware._config import Settings
-from middleware._errors import FencedOut
-from middleware._storage import LeaseKind
-from middleware._store import TranscriptStore
+from sessiongate._backend import open_backend
+from sessiongate._config import Settings
+from sessiongate._errors import FencedOut
+from sessiongate._storage import LeaseKind
+from sessiongate._store import TranscriptStore
 from tests.workers import publish
 
 
