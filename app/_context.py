@@ -14,6 +14,7 @@ import httpx
 
 from sessiongate import Backend, Settings, TranscriptStore
 
+from .live import LiveTurns
 from .providers import Failover, build_failover
 from .turns import TurnRunner
 
@@ -30,12 +31,18 @@ class Gateway:
     store: TranscriptStore
     providers: Failover
     turns: TurnRunner
+    live: LiveTurns  # the messages API's running turns (watch, cancel); also the gate's TurnControl
     http: httpx.AsyncClient  # outbound calls of channels (Telegram sendMessage, Slack chat.postMessage)
     channels: ChannelWorker | None = None  # set by app.channels.start() in the lifespan
 
     @classmethod
     def open(
-        cls, settings: Settings, backend: Backend, *, transport: httpx.AsyncBaseTransport | None = None
+        cls,
+        settings: Settings,
+        backend: Backend,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        live: LiveTurns | None = None,
     ) -> Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
         store = TranscriptStore(backend, settings)
@@ -46,9 +53,11 @@ class Gateway:
             store=store,
             providers=providers,
             turns=TurnRunner(store, providers),
+            live=live or LiveTurns(backend),
             http=httpx.AsyncClient(transport=transport, timeout=OUTBOUND_TIMEOUT_S),
         )
 
     async def aclose(self) -> None:
+        await self.live.aclose()
         await self.http.aclose()
         await self.providers.aclose()

@@ -11,7 +11,9 @@ Middleware, outer to inner (each refuses what it can before the next costs more)
 5. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
 6. :class:`~sessiongate.gateway._body.MessageValidation`: session id and message body (400).
 7. :class:`sessiongate.SessionGate`: rate limits, Idempotency-Key, the session's
-   lane, for ``POST /v1/sessions/{id}/messages`` only.
+   lane, for ``POST /v1/sessions/{id}/messages`` only; the gateway's running
+   turns (:class:`~sessiongate.gateway.live.LiveTurns`) tell it which turn a
+   busy session runs, and let ``lane.mode = interrupt`` cancel it.
 
 Routes raise typed errors; the exception handlers answer them as problem+json,
 404 and 405 included.
@@ -44,6 +46,7 @@ from ._auth import BearerAuth
 from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
 from ._context import Gateway
 from ._logging import REQUEST_ID, RequestLog, configure_logging
+from .live import LiveTurns
 from .routes import health, metrics, openapi, sessions, webchat
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
@@ -129,10 +132,11 @@ def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHan
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gateway for ``settings``; ``transport`` (tests) carries every outbound httpx call."""
     backend = open_backend(settings)
+    live = LiveTurns(backend)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        gateway = Gateway.open(settings, backend, transport=transport)
+        gateway = Gateway.open(settings, backend, transport=transport, live=live)
         app.state.gateway = gateway
         try:
             await channels.start(gateway)
@@ -150,7 +154,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             Middleware(
                 CORSMiddleware,
                 allow_origins=["*"],
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
                 expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
             ),
@@ -161,7 +165,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             Middleware(MessageValidation),
             Middleware(
                 SessionGate, settings=settings, backend=backend,
-                session_key=message_session_key, sender_key=message_sender_key,
+                session_key=message_session_key, sender_key=message_sender_key, turns=live,
             ),
         ],
         exception_handlers=exception_handlers(settings),

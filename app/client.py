@@ -15,6 +15,7 @@ stop within a bounded number of attempts and total time.
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Callable
@@ -159,6 +160,36 @@ def parse_response(response: httpx.Response) -> dict[str, Any]:
         return body
     problem = body if isinstance(body, dict) else {"detail": response.text[:500]}
     raise ProblemError(response.status_code, problem, retry_after_ms=retry_after_ms(response, problem))
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One server-sent event of a turn: ``turn``, ``delta``, ``done`` or ``error`` and its JSON data."""
+
+    name: str
+    data: dict[str, Any]
+
+
+class EventDecoder:
+    """``text/event-stream`` lines in, one :class:`ServerEvent` per event out (the subset the gateway sends)."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> ServerEvent | None:
+        """The event a blank line completes, else ``None``."""
+        if not line:
+            event = ServerEvent(self._name, json.loads("\n".join(self._data))) if self._data else None
+            self._name, self._data = "message", []
+            return event
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            self._name = value
+        elif field == "data":
+            self._data.append(value)
+        return None
 
 
 class _ClientBase:

@@ -11,16 +11,24 @@ failed".
 ``openai`` speaks the OpenAI-compatible chat completions API over httpx; the
 transport is injectable (tests may pass one, or point ``baseUrl`` at a local
 fake server).
+
+Streaming (:meth:`Provider.stream`, :meth:`Failover.stream`) yields the reply
+piece by piece. Failover can only move on before the first piece: once text
+went out to a client, another model's answer cannot replace it, so a failure
+after it is final (:class:`AllProvidersFailed` naming that one provider).
+Closing the stream (e.g. a cancelled turn) closes the upstream request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,6 +81,14 @@ class Completion:
     provider: str
 
 
+@dataclass(frozen=True)
+class Delta:
+    """One piece of a streamed reply and the provider that produced it (``text`` may be empty)."""
+
+    text: str
+    provider: str
+
+
 class Provider(ABC):
     """One configured model. ``complete`` raises :class:`ProviderError` for every failure of the model side."""
 
@@ -82,6 +98,10 @@ class Provider(ABC):
     @abstractmethod
     async def complete(self, messages: Sequence[ChatMessage]) -> str:
         """The assistant's reply to ``messages`` (oldest first)."""
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        """The reply in pieces as the model produces them (default: all of it at once)."""
+        yield await self.complete(messages)
 
     async def aclose(self) -> None:
         """Release connections (if any)."""
@@ -97,7 +117,23 @@ class EchoProvider(Provider):
     async def complete(self, messages: Sequence[ChatMessage]) -> str:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return last_user_text(messages)
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        """Word by word (spaces kept), ``delayMs`` spread over the words."""
+        words = _WORDS.findall(last_user_text(messages)) or [""]
+        pause_s = self.delay_s / len(words)
+        for word in words:
+            if pause_s:
+                await asyncio.sleep(pause_s)
+            yield word
+
+
+_WORDS = re.compile(r"\s*\S+\s*")
+
+
+def last_user_text(messages: Sequence[ChatMessage]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -131,10 +167,14 @@ class OpenAIProvider(Provider):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(transport=transport, headers=headers, timeout=self.timeout_s)
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> str:
-        body: dict[str, object] = {"messages": [dict(m) for m in messages]}
+    def _body(self, messages: Sequence[ChatMessage], **extra: object) -> dict[str, object]:
+        body: dict[str, object] = {"messages": [dict(m) for m in messages], **extra}
         if self.model:
             body["model"] = self.model
+        return body
+
+    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+        body = self._body(messages)
         try:
             async with asyncio.timeout(self.timeout_s):
                 response = await self.client.post(self.url, json=body)
@@ -144,6 +184,47 @@ class OpenAIProvider(Provider):
             raise ProviderError(self.id, "connection-error", f"{type(exc).__name__}: {exc}") from None
         self._raise_for_status(response)
         return self._reply_text(response)
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        """``stream: true``: the SSE ``choices[0].delta.content`` pieces; ``timeoutMs`` bounds each wait.
+
+        An upstream that answers with one JSON completion instead is one piece.
+        """
+        try:
+            async with self.client.stream("POST", self.url, json=self._body(messages, stream=True)) as response:
+                if response.status_code >= 400:
+                    await response.aclose()
+                    self._raise_for_status(response)
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    await response.aread()
+                    yield self._reply_text(response)
+                    return
+                async for line in response.aiter_lines():
+                    piece = self._sse_piece(line)
+                    if piece is _DONE:
+                        return
+                    if piece:
+                        yield piece
+        except httpx.TimeoutException:
+            raise ProviderError(self.id, "timeout", f"no data within {self.timeout_s * 1000:.0f} ms") from None
+        except httpx.TransportError as exc:
+            raise ProviderError(self.id, "connection-error", f"{type(exc).__name__}: {exc}") from None
+
+    def _sse_piece(self, line: str) -> str | None:
+        """The text of one ``data:`` line (``_DONE`` for ``[DONE]``; ``None`` for anything else)."""
+        if not line.startswith("data:"):
+            return None
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return _DONE
+        try:
+            choices = json.loads(data)["choices"]
+            content = choices[0]["delta"].get("content") if choices else None
+        except (ValueError, LookupError, TypeError, AttributeError):
+            raise ProviderError(self.id, "bad-response", "not a chat.completion.chunk (choices[0].delta)") from None
+        if content is not None and not isinstance(content, str):
+            raise ProviderError(self.id, "bad-response", "choices[0].delta.content is not a string")
+        return content
 
     def _raise_for_status(self, response: httpx.Response) -> None:
         status = response.status_code
@@ -163,6 +244,9 @@ class OpenAIProvider(Provider):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+_DONE = "\x00[DONE]"  # a sentinel no model sends
 
 
 class Failover:
@@ -186,6 +270,35 @@ class Failover:
                 continue
             self._record(provider, started, None)
             return Completion(text=text, provider=provider.id)
+        ALL_PROVIDERS_FAILED.inc()
+        raise AllProvidersFailed(errors, session_id=session_id)
+
+    async def stream(self, messages: Sequence[ChatMessage], *, session_id: str | None = None) -> AsyncIterator[Delta]:
+        """The first provider's reply as it comes; failover only before its first piece.
+
+        Yields at least one :class:`Delta` (an empty reply is one empty piece,
+        naming its provider). Raises :class:`AllProvidersFailed`: every provider
+        failed before its first piece, or the one that had started failed.
+        """
+        errors: list[ProviderError] = []
+        for provider in self.providers:
+            started = time.perf_counter()
+            produced = False
+            try:
+                async for piece in provider.stream(messages):
+                    if piece:
+                        produced = True
+                        yield Delta(piece, provider.id)
+            except ProviderError as error:
+                self._record(provider, started, error)
+                if produced:
+                    raise AllProvidersFailed([error], session_id=session_id) from None
+                errors.append(error)
+                continue
+            self._record(provider, started, None)
+            if not produced:
+                yield Delta("", provider.id)
+            return
         ALL_PROVIDERS_FAILED.inc()
         raise AllProvidersFailed(errors, session_id=session_id)
 

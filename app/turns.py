@@ -18,7 +18,9 @@ only the reply is appended, with ``replyTo``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +103,14 @@ def ensure_lane_held(grant: LaneGrant) -> None:
             session_id=grant.session_id,
         )
 
+def interrupted_reply(pieces: Sequence[str], provider: str | None, users: Sequence[Record]) -> Record:
+    """What a cancelled turn stores: the reply so far, marked ``interrupted``."""
+    return new_record(
+        "assistant", "".join(pieces), provider=provider, replyTo=users[-1]["id"],
+        channel=users[-1].get("channel"), interrupted=True,
+    )
+
+
 class TurnRunner:
     """Runs turns against one transcript store and one provider list."""
 
@@ -138,3 +148,64 @@ class TurnRunner:
         )
         await self.store.append(session_id, [reply] if already_stored else [user, reply], fence=grant.fence)
         return TurnResult(user=user, reply=reply)
+
+    async def stream_turn(
+        self,
+        grant: LaneGrant,
+        session_id: str,
+        users: Sequence[Record],
+        on_delta: Callable[[str], None],
+        cancelled: asyncio.Event,
+    ) -> TurnResult:
+        """:meth:`run_turn` for API messages, streamed: ``on_delta(piece)`` as the model produces the reply.
+
+        ``users`` are appended together, in order, with the one reply (a
+        ``collect`` turn answers several). When ``cancelled`` is set before
+        the reply is complete, the model call is stopped (its upstream request
+        closed) and the messages are stored with the partial reply marked
+        ``interrupted``; the result then has ``interrupted`` set. A provider
+        failure stores nothing. A retry of one message with its
+        Idempotency-Key gets the stored reply as one piece.
+        """
+        transcript = await self.store.read(session_id)
+        if len(users) == 1 and (stored := answered_earlier(transcript, users[0])) is not None:
+            on_delta(stored[1]["text"])
+            return TurnResult(user=stored[0], reply=stored[1])
+        ensure_lane_held(grant)
+        pieces: list[str] = []
+        provider: str | None = None
+
+        async def call_model() -> None:
+            nonlocal provider
+            stream = self.providers.stream(chat_messages([*transcript, *users]), session_id=session_id)
+            async with contextlib.aclosing(stream):
+                async for delta in stream:
+                    provider = delta.provider
+                    if delta.text:
+                        pieces.append(delta.text)
+                        on_delta(delta.text)
+
+        finished = not cancelled.is_set() and await _unless_cancelled(call_model(), cancelled)
+        ensure_lane_held(grant)
+        reply = (
+            new_record("assistant", "".join(pieces), provider=provider, replyTo=users[-1]["id"],
+                       channel=users[-1].get("channel"))
+            if finished else interrupted_reply(pieces, provider, users)
+        )
+        await self.store.append(session_id, [*users, reply], fence=grant.fence)
+        return TurnResult(user=users[-1], reply=reply)
+
+
+async def _unless_cancelled(work: Any, cancelled: asyncio.Event) -> bool:
+    """Run ``work`` until it ends (``True``) or ``cancelled`` is set first (``False``: ``work`` is stopped)."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return not task.cancelled() and task.result() is None

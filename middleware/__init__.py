@@ -19,11 +19,13 @@ from ._errors import (
     QueueFull,
     RateLimited,
     RetryableError,
+    RunningTurn,
     SessionBusy,
     SessionGateError,
+    TurnCancelled,
     Unauthorized,
 )
-from ._gate import SessionGate, lane_of
+from ._gate import SessionGate, TurnControl, lane_of, take_lane
 from ._ids import validate_session_id
 from ._lanes import LaneGrant
 from ._store import TranscriptStore
@@ -43,13 +45,17 @@ __all__ = [
     "QueueFull",
     "RateLimited",
     "RetryableError",
+    "RunningTurn",
     "SessionBusy",
     "SessionGate",
     "SessionGateError",
     "Settings",
     "TranscriptStore",
+    "TurnCancelled",
+    "TurnControl",
     "Unauthorized",
     "lane_of",
     "open_backend",
+    "take_lane",
     "validate_session_id",
 ]

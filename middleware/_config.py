@@ -56,11 +56,15 @@ class SessionWriteLockSettings(_Section):
 
 
 class LaneSettings(_Section):
-    mode: Literal["reject", "queue"] = "reject"
+    mode: Literal["reject", "queue", "interrupt", "collect"] = "reject"
     max_wait_ms: int = Field(0, ge=0, le=600_000, description="0 is a non-blocking try")
     queue_cap: int = Field(8, ge=1, le=10_000)
     queue_wait_ms: int = Field(
-        120_000, ge=0, le=3_600_000, description="queue mode: longest wait in the queue before session-busy"
+        120_000, ge=0, le=3_600_000,
+        description="queue, interrupt and collect modes: longest wait for the lane before session-busy",
+    )
+    debounce_ms: int = Field(
+        0, ge=0, le=60_000, description="collect mode: the next turn waits this long after the last message"
     )
 
 

@@ -11,7 +11,20 @@ never read as "all models failed".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class RunningTurn:
+    """The turn a busy session is running: named in its ``session-busy`` answer.
+
+    ``monitor`` is where to watch it (the ``Link: <monitor>; rel="monitor"``
+    header); the embedding app decides the URL, the library only renders it.
+    """
+
+    turn_id: str
+    monitor: str | None = None
 
 
 class SessionGateError(Exception):
@@ -38,11 +51,16 @@ class RetryableError(SessionGateError):
 
 
 class SessionBusy(RetryableError):
-    """The session's lane or write lock was not had within its wait."""
+    """The session's lane or write lock was not had within its wait.
+
+    ``running_turn`` names the turn that holds the lane, when the app told the
+    gate (see ``SessionGate(turns=...)``).
+    """
 
     problem_type = "session-busy"
     default_status = 409
     title = "Session busy"
+    running_turn: RunningTurn | None = None
 
 
 class LockTimeout(SessionBusy):
@@ -78,6 +96,18 @@ class FencedOut(SessionBusy):
         )
         self.fence = fence
         self.current_fence = current_fence
+
+
+class TurnCancelled(SessionGateError):
+    """The turn was cancelled (``DELETE .../turns/current``) or interrupted by a newer message.
+
+    Not retryable: the user's message is in the transcript already, beside the
+    partial reply marked ``"interrupted": true``.
+    """
+
+    problem_type = "turn-cancelled"
+    default_status = 409
+    title = "Turn cancelled"
 
 
 class QueueFull(RetryableError):

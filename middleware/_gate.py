@@ -7,7 +7,15 @@ order: rate limits, then the ``Idempotency-Key``, then the session's lane. A
 request that cannot run now gets a problem+json answer with ``Retry-After`` at
 once (no transcript I/O, no body read unless an Idempotency-Key asks for it);
 an admitted one holds the lane until its response is complete, the client goes
-away, or the endpoint raises, whichever comes first.
+away, or the endpoint raises, whichever comes first, unless the endpoint
+:func:`take_lane` takes it (a turn that outlives its request: a streamed reply
+keeps running when the client goes away, and releases the lane itself).
+
+The app may tell the gate about its turns (``turns``, a :class:`TurnControl`):
+a busy answer then names the running turn, ``lane.mode = interrupt`` cancels it
+and queues the new message, and ``collect`` admits a message for a busy
+session *without* a lane (``lane_of`` is ``None``): the app answers it with
+the next turn. Without ``turns`` both modes wait in the queue.
 
 As in Starlette's GZip middleware, per-request state lives in a
 :class:`_Responder`, never on the shared middleware instance.
@@ -17,13 +25,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._backend import Backend, open_backend
 from ._config import Settings
-from ._errors import PayloadTooLarge, SessionGateError
+from ._errors import PayloadTooLarge, RunningTurn, SessionBusy, SessionGateError
 from ._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
 from ._ids import validate_session_id
 from ._metrics import CONTENTION_ANSWERS
@@ -42,6 +50,26 @@ def lane_of(scope: Scope) -> LaneGrant | None:
     """The lane grant SessionGate put on an admitted request (``request.state`` in Starlette)."""
     state = scope.get("state")
     return state.get(LANE_STATE_KEY) if state else None
+
+
+def take_lane(scope: Scope) -> LaneGrant | None:
+    """Take the request's lane grant out of the gate's hands: the caller must release it.
+
+    For work that outlives the response (a turn that keeps running after its
+    client went away); the gate then only settles the Idempotency-Key claim.
+    """
+    state = scope.get("state")
+    return state.pop(LANE_STATE_KEY, None) if state else None
+
+
+class TurnControl(Protocol):
+    """What the app tells the gate about its running turns (this process's or another's)."""
+
+    async def running(self, session_id: str) -> RunningTurn | None:
+        """The turn that runs for ``session_id`` now, if any (named in busy answers)."""
+
+    async def cancel(self, session_id: str) -> bool:
+        """Cancel the running turn (its lane is freed soon after); ``False`` if none ran."""
 
 
 @functools.cache
@@ -74,8 +102,10 @@ class SessionGate:
         backend: Backend | None = None,
         session_key: SessionKey,
         sender_key: SessionKey | None = None,
+        turns: TurnControl | None = None,
     ) -> None:
         self.app = app
+        self.turns = turns
         self.settings = settings or (backend.settings if backend is not None else Settings())
         self.session_key = session_key
         self.sender_key = sender_key or client_address
@@ -138,8 +168,27 @@ class SessionGate:
                 await _replay(responder.send, outcome)
                 return False
             responder.claim = outcome
-        responder.grant = await self.backend.lanes.acquire(session_id)
+        responder.grant = await self._acquire_lane(session_id)
         return True
+
+    async def _acquire_lane(self, session_id: str) -> LaneGrant | None:
+        """The lane per ``lane.mode``; ``None`` admits a ``collect`` message to wait for the next turn."""
+        lanes = self.backend.lanes
+        mode = self.settings.lane.mode
+        if mode in ("interrupt", "collect") and self.turns is None:
+            return await lanes.acquire(session_id, queued=True)
+        try:
+            return await lanes.acquire(session_id)
+        except SessionBusy as busy:
+            if self.turns is None:
+                raise
+            if mode == "collect":
+                return None
+            if mode == "interrupt":
+                await self.turns.cancel(session_id)
+                return await lanes.acquire(session_id, queued=True)
+            busy.running_turn = await self.turns.running(session_id)
+            raise
 
     async def _refuse(self, send: Send, error: SessionGateError) -> None:
         _answers(error.problem_type).inc()
@@ -268,5 +317,5 @@ class _Responder:
 
     async def _release_lane(self) -> None:
         grant, self.grant = self.grant, None
-        if grant is not None:
+        if grant is not None and lane_of(self.scope) is grant:  # not if the app took it (take_lane)
             await grant.release()

@@ -4,7 +4,9 @@ A lane is held for a whole turn (the model call included), unlike the write
 lock. ``lane.mode = reject`` answers a second message at once (after
 ``lane.maxWaitMs``) with :class:`SessionBusy`; ``queue`` lines messages up in
 the session's FIFO (storage tickets, so the order holds across processes) up
-to ``lane.queueCap`` and ``lane.queueWaitMs``.
+to ``lane.queueCap`` and ``lane.queueWaitMs``. ``interrupt`` and ``collect``
+need the app's turns (cancel one, merge waiting messages): the gate and the
+app build them on these two ways of waiting.
 
 Busy answers must be cheap: a session held by this process is answered from
 in-process state without touching the storage, and never from the transcript.
@@ -100,10 +102,16 @@ class Lanes:
         self.durations = TurnDurations()
         self.heartbeats = heartbeats or Heartbeats.for_stale_ms(self.stale_ms)  # one timer renews every lane held here
 
-    async def acquire(self, session_id: str, *, max_wait_ms: int | None = None) -> LaneGrant:
-        """The session's lane; raises SessionBusy (or QueueFull in queue mode) when not had in time."""
+    async def acquire(
+        self, session_id: str, *, max_wait_ms: int | None = None, queued: bool | None = None
+    ) -> LaneGrant:
+        """The session's lane; raises SessionBusy (or QueueFull when queued) when not had in time.
+
+        ``queued`` waits in the session's FIFO (default: ``lane.mode == "queue"``);
+        the gate queues an ``interrupt`` message after cancelling the running turn.
+        """
         asked_at = time.monotonic()
-        if self._settings.mode == "queue":
+        if self._settings.mode == "queue" if queued is None else queued:
             wait_ms = self._settings.queue_wait_ms if max_wait_ms is None else max_wait_ms
             return await self._acquire_queued(session_id, asked_at, asked_at + wait_ms / 1000)
         grant, holder = await self._try(session_id, asked_at)  # the common case: free at once

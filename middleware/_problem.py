@@ -31,7 +31,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 # A tag URI (RFC 4151), as RFC 9457 section 3.1.1 suggests for types that are not meant to be dereferenced.
 PROBLEM_TYPE_BASE = "tag:sessiongate,2026:problems/"
 # What a browser client must be able to read from a contention answer (for CORS ``expose_headers``).
-EXPOSED_HEADERS = ("Retry-After", "RateLimit", "RateLimit-Policy", "Idempotent-Replayed")
+EXPOSED_HEADERS = ("Retry-After", "RateLimit", "RateLimit-Policy", "Idempotent-Replayed", "Link", "x-should-retry")
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per answer as json.dumps(separators=...)
 
 
@@ -69,6 +69,8 @@ def _variable_members(error: SessionGateError) -> dict[str, Any]:
         members.update(policy=error.policy, limit=error.limit, remaining=error.remaining, windowSeconds=error.window_s)
     if isinstance(error, QueueFull):
         members["queueCap"] = error.queue_cap
+    if isinstance(error, SessionBusy) and error.running_turn is not None:
+        members["turnId"] = error.running_turn.turn_id
     return members
 
 
@@ -101,8 +103,13 @@ def problem_headers(error: SessionGateError) -> list[tuple[str, str]]:
     if isinstance(error, RetryableError):
         headers.append(("Retry-After", str(retry_after_seconds(error.retry_after_ms))))
         headers.append(("Cache-Control", "no-store"))
+        headers.append(("x-should-retry", "true"))
+    else:
+        headers.append(("x-should-retry", "false"))  # e.g. turn-cancelled: the SDKs must not resend
     if isinstance(error, RateLimited):
         headers.extend(ratelimit_fields(error))
+    if isinstance(error, SessionBusy) and error.running_turn is not None and error.running_turn.monitor:
+        headers.append(("Link", f'<{error.running_turn.monitor}>; rel="monitor"'))
     return headers
 
 

@@ -211,8 +211,8 @@ def test_openapi_describes_every_route_and_real_answers_match(tmp_path: Path) ->
     for (method, status), response in answers.items():
         assert str(response.status_code) == status
         media = operations[method]["responses"][status]["content"]
-        (content_type, spec), = media.items()
-        assert response.headers["content-type"].startswith(content_type)
+        content_type = response.headers["content-type"].split(";")[0]
+        spec = media[content_type]
         schema = {**spec["schema"], "components": document["components"]}
         jsonschema_rs.Draft202012Validator(schema).validate(json.loads(response.text))
 

@@ -22,7 +22,10 @@ from sessiongate._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
 
 PROBLEM_TYPES = {
-    "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status)",
+    "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status); "
+                    "names the running turn (turnId, Link rel=monitor)",
+    "turn-cancelled": "the turn was cancelled (DELETE .../turns/current) or interrupted by a newer message "
+                      "(lane.mode=interrupt); the message is stored, not retryable (409)",
     "queue-full": "lane.mode=queue and the session's queue is at lane.queueCap (429)",
     "rate-limited": "a rateLimits quota is spent (429, with RateLimit and RateLimit-Policy)",
     "idempotency-in-flight": "the same Idempotency-Key is still being processed (409)",
@@ -93,6 +96,13 @@ _SESSION_API_ERRORS = {
 }
 
 
+_TURN_EVENTS = {
+    "schema": {"type": "string"},
+    "description": "server-sent events: turn {turnId, messageId}, then delta {text}..., then done "
+                   "{id, text, provider} or error (a Problem)",
+}
+
+
 def _webhook(summary: str) -> dict[str, Any]:
     return {
         "post": {
@@ -149,9 +159,17 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MessageIn"}}},
                     },
                     "responses": {
-                        "200": _json("TurnReply", "the reply; user message and reply are in the transcript"),
+                        "200": {
+                            "description": "the reply; user message and reply are in the transcript. With "
+                                           "Accept: text/event-stream, the turn's events instead",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/TurnReply"}},
+                                "text/event-stream": _TURN_EVENTS,
+                            },
+                        },
                         **_SESSION_API_ERRORS,
-                        "409": _problem("session-busy / idempotency-in-flight", retryable=True),
+                        "409": _problem("session-busy / idempotency-in-flight (retryable) / turn-cancelled",
+                                        retryable=True),
                         "422": _problem("idempotency-key-reused"),
                         "429": _problem("rate-limited / queue-full (or session-busy with contention.status=429)",
                                         headers=_RATELIMIT_HEADERS),
@@ -163,6 +181,20 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Read the transcript (lock-free snapshot)",
                     "operationId": "getMessages",
                     "responses": {"200": _json("Transcript", "every message, in order"), **_SESSION_API_ERRORS},
+                },
+            },
+            "/v1/sessions/{sessionId}/turns/current": {
+                "parameters": [_SESSION_ID_PARAM],
+                "get": {
+                    "summary": "Follow the running turn: its events from the first",
+                    "operationId": "watchTurn",
+                    "responses": {"200": {"description": "the turn's events", "content": {
+                        "text/event-stream": _TURN_EVENTS}}, **_SESSION_API_ERRORS},
+                },
+                "delete": {
+                    "summary": "Cancel the running turn (its message and partial reply are stored)",
+                    "operationId": "cancelTurn",
+                    "responses": {"204": {"description": "cancelled"}, **_SESSION_API_ERRORS},
                 },
             },
             "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),
@@ -198,6 +230,7 @@ def _schemas() -> dict[str, Any]:
             "replyTo": {"type": "string"},
             "provider": {"type": "string"},
             "externalId": {"type": "string"},
+            "interrupted": {"type": "boolean", "description": "a cancelled turn's partial reply"},
         },
     }
     return {
@@ -250,6 +283,7 @@ def _schemas() -> dict[str, Any]:
                 "detail": {"type": "string"},
                 "sessionId": {"type": "string"},
                 "retryAfterMs": {"type": "integer", "minimum": 1},
+                "turnId": {"type": "string", "description": "session-busy: the running turn"},
             },
         },
     }

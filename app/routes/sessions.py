@@ -1,24 +1,59 @@
-"""The messages API: ``POST`` runs one turn, ``GET`` reads the transcript.
+"""The messages API: ``POST`` runs one turn, ``GET`` reads the transcript; the running turn is watched and cancelled.
 
 By the time ``SessionMessages.post`` runs, the middleware stack has checked the
 token, the body (:mod:`sessiongate.gateway._body`), rate limits, the Idempotency-Key and the
-session's lane: the route only runs the turn under the lane it was given.
+session's lane: the route hands the lane to a turn task
+(:mod:`sessiongate.gateway.live`) and follows it, as one JSON answer or, with
+``Accept: text/event-stream``, as server-sent events.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import SessionGateError
-from sessiongate._gate import lane_of
+from sessiongate import SessionGateError, take_lane, validate_session_id
 from sessiongate._idempotency import idempotency_key
 
 from .._body import message_of
 from .._context import Gateway
+from ..live import CURRENT_TURN_ROUTE, LiveTurn, TurnEvent
 from ..turns import user_record
+
+EVENT_STREAM = "text/event-stream"
+
+
+class NoTurnRunning(SessionGateError):
+    problem_type = "not-found"
+    default_status = 404
+    title = "Not Found"
+
+
+def wants_event_stream(request: Request) -> bool:
+    return EVENT_STREAM in request.headers.get("accept", "")
+
+
+def event_stream(events: AsyncIterator[TurnEvent]) -> StreamingResponse:
+    """A turn's events as ``text/event-stream``; a client that leaves stops only its own reading."""
+
+    async def encoded() -> AsyncIterator[bytes]:
+        async for event in events:
+            yield event.encode()
+
+    return StreamingResponse(encoded(), media_type=EVENT_STREAM,
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def reply_json(session_id: str, message_id: str, reply: dict) -> JSONResponse:
+    return JSONResponse({
+        "sessionId": session_id,
+        "messageId": message_id,
+        "reply": {"id": reply["id"], "text": reply["text"], "provider": reply.get("provider")},
+    })
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -28,9 +63,9 @@ def gateway_of(request: Request) -> Gateway:
 class SessionMessages(HTTPEndpoint):
     """``/v1/sessions/{sessionId}/messages`` (one endpoint, so a 405 lists both methods in ``Allow``)."""
 
-    async def post(self, request: Request) -> JSONResponse:
+    async def post(self, request: Request) -> Response:
         session_id = request.path_params["sessionId"]
-        grant = lane_of(request.scope)
+        grant = take_lane(request.scope)  # the turn task releases it, after its last event
         if grant is None:  # only if the app was assembled without SessionGate in front of this route
             raise SessionGateError("no session lane was granted to this request")
         message = message_of(request.scope)
@@ -40,12 +75,9 @@ class SessionMessages(HTTPEndpoint):
             channel="api",
             idempotency_key=idempotency_key(request.scope),  # as the gate read it: quotes and blanks stripped
         )
-        result = await gateway_of(request).turns.run_turn(grant, session_id, user)
-        return JSONResponse({
-            "sessionId": session_id,
-            "messageId": result.user["id"],
-            "reply": {"id": result.reply["id"], "text": result.reply["text"], "provider": result.provider},
-        })
+        gateway = gateway_of(request)
+        turn = gateway.live.start(gateway.turns, grant, session_id, [user])
+        return await answer(request, turn)
 
     async def get(self, request: Request) -> JSONResponse:
         session_id = request.path_params["sessionId"]
@@ -53,5 +85,30 @@ class SessionMessages(HTTPEndpoint):
         return JSONResponse({"sessionId": session_id, "messages": messages})
 
 
+async def answer(request: Request, turn: LiveTurn) -> Response:
+    """The turn as an event stream, or (awaited) as one JSON answer; errors raise their problem."""
+    if wants_event_stream(request):
+        return event_stream(turn.follow())
+    result = await turn.outcome
+    return reply_json(turn.session_id, result.user["id"], result.reply)
+
+
+class CurrentTurn(HTTPEndpoint):
+    """``/v1/sessions/{sessionId}/turns/current``: ``GET`` follows the running turn, ``DELETE`` cancels it."""
+
+    async def get(self, request: Request) -> Response:
+        session_id = validate_session_id(request.path_params["sessionId"])
+        events = await gateway_of(request).live.watch(session_id)
+        if events is None:
+            raise NoTurnRunning(f"no turn runs for session {session_id!r}", session_id=session_id)
+        return event_stream(events)
+
+    async def delete(self, request: Request) -> Response:
+        session_id = validate_session_id(request.path_params["sessionId"])
+        if not await gateway_of(request).live.cancel(session_id):
+            raise NoTurnRunning(f"no turn runs for session {session_id!r}", session_id=session_id)
+        return Response(status_code=204)
+
+
 def routes() -> list[BaseRoute]:
-    return [Route("/v1/sessions/{sessionId}/messages", SessionMessages)]
+    return [Route("/v1/sessions/{sessionId}/messages", SessionMessages), Route(CURRENT_TURN_ROUTE, CurrentTurn)]

@@ -1,26 +1,32 @@
 """A local fake of an OpenAI-compatible chat completions API, served by a real uvicorn on 127.0.0.1.
 
 Tests tell it how to behave (answer, answer after a delay, fail with a
-status, hang, send garbage) and read what it saw: the number of calls and the
-request bodies. It replies ``"<name>: <last user message>"`` so a test can
-tell which provider answered.
+status, hang, send garbage, break off a stream after its first piece) and read
+what it saw: the number of calls, the request bodies, and how many streams the
+client closed before their end (``aborted``). It replies ``"<name>: <last user
+message>"`` so a test can tell which provider answered; with ``"stream": true``
+it sends that reply word by word as ``chat.completion.chunk`` server-sent
+events, ``piece_delay_s`` apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support import UvicornThread
 
-Behaviour = Literal["ok", "status", "hang", "garbage"]
+Behaviour = Literal["ok", "status", "hang", "garbage", "break"]  # break: a stream ends after its first piece
 HANG_S = 30.0
 
 
@@ -32,6 +38,9 @@ class FakeOpenAI:
     behaviour: Behaviour = "ok"
     status: int = 500
     delay_s: float = 0.0
+    piece_delay_s: float = 0.0
+    aborted: int = 0  # streams the client closed before their last piece
+    completed: int = 0  # streams sent to their end
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
@@ -71,6 +80,8 @@ class FakeOpenAI:
         if self.behaviour == "garbage":
             return Response("<html>not json</html>", media_type="text/html")
         last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+        if body.get("stream"):
+            return StreamingResponse(self._chunks(f"{self.name}: {last_user}"), media_type="text/event-stream")
         return JSONResponse({
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
@@ -78,6 +89,26 @@ class FakeOpenAI:
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": f"{self.name}: {last_user}"}}],
         })
+
+    async def _chunks(self, reply: str) -> AsyncIterator[bytes]:
+        pieces = re.findall(r"\s*\S+\s*", reply)
+        finished = False
+        try:
+            for number, piece in enumerate(pieces):
+                if number and self.piece_delay_s:
+                    await asyncio.sleep(self.piece_delay_s)
+                chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                if self.behaviour == "break":
+                    raise ConnectionResetError("the fake breaks off after the first piece")
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            with self._lock:
+                if finished:
+                    self.completed += 1
+                else:
+                    self.aborted += 1
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/chat/completions", self._chat_completions, methods=["POST"])])

@@ -1,0 +1,274 @@
+"""Running turns as event streams: watch them, cancel them, from this process or another.
+
+A turn of the messages API runs in a task the gateway owns, not in its
+request: the request hands its lane over (``sessiongate.take_lane``) and only
+*follows* the turn's events. So a client that goes away stops reading, not
+the turn: the reply is still stored, and the lane is released by the turn
+task itself after its last event. Every turn's events (``turn``, ``delta``…,
+then ``done`` or ``error``) are kept in one in-memory buffer shared by every
+follower, so a watcher that comes late replays them from the first.
+
+Other processes (``--workers N``, other instances) reach a turn through the
+backend's record storage, which every backend shares among the processes that
+share its locks (files for ``file://``, Redis for ``redis://``): while a turn
+runs, its process mirrors the buffer there and checks for a cancel request
+every :data:`POLL_S`; a remote watcher polls the mirror as often. Polling,
+not pub/sub, because it works the same on every backend with the storage
+interface as it is; the price is up to :data:`POLL_S` of lag for remote
+watchers and remote cancels (local ones act at once). ``memory://`` is one
+process, so nothing is mirrored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sessiongate import Backend, LaneGrant, RunningTurn, SessionGateError, TurnCancelled
+from sessiongate._problem import problem_body, problem_status
+
+from ._logging import REQUEST_ID
+from .turns import Record, TurnResult, TurnRunner
+
+log = logging.getLogger("sessiongate.turns")
+
+CURRENT_TURN_ROUTE = "/v1/sessions/{sessionId}/turns/current"
+POLL_S = 0.05  # mirror flushes, cancel checks and remote watcher polls
+TURN_RECORD_TTL_MS = 3_000  # a dead owner's turn stops being named this long after its last refresh
+TURN_RECORD_REFRESH_S = 1.0
+FINISHED_EVENTS_TTL_MS = 10_000  # a remote watcher reads the end of a turn within this
+SHUTDOWN_WAIT_S = 5.0
+
+
+def current_turn_path(session_id: str) -> str:
+    """Where a session's running turn is watched (and cancelled): its busy answers' ``rel="monitor"`` link."""
+    return CURRENT_TURN_ROUTE.replace("{sessionId}", session_id)
+
+
+@dataclass(frozen=True)
+class TurnEvent:
+    """One server-sent event of a turn; ``seq`` is its place in the turn (the SSE ``id``)."""
+
+    seq: int
+    name: str
+    data: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return f"id: {self.seq}\nevent: {self.name}\ndata: {json.dumps(self.data)}\n\n".encode()
+
+
+class LiveTurn:
+    """One running turn: its event buffer, its cancel switch and its outcome."""
+
+    def __init__(self, session_id: str, users: Sequence[Record]) -> None:
+        self.session_id = session_id
+        self.users = list(users)
+        self.turn_id = f"turn_{uuid.uuid4().hex}"
+        self.message_id = self.users[-1]["id"]
+        self.events: list[TurnEvent] = []
+        self.cancelled = asyncio.Event()
+        self.outcome: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
+        self._changed = asyncio.Event()
+        self.publish("turn", {"turnId": self.turn_id, "messageId": self.message_id})
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome.done()
+
+    def publish(self, name: str, data: dict[str, Any]) -> None:
+        self.events.append(TurnEvent(len(self.events), name, data))
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def delta(self, text: str) -> None:
+        self.publish("delta", {"text": text})
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def finish(self, result: TurnResult) -> None:
+        """``done`` with the stored reply, or ``error`` ``turn-cancelled`` if the turn was interrupted."""
+        if result.reply.get("interrupted"):
+            self.fail(TurnCancelled(
+                f"the turn {self.turn_id} was cancelled; the message and the partial reply are stored",
+                session_id=self.session_id,
+            ))
+            return
+        reply = result.reply
+        self.publish("done", {"id": reply["id"], "text": reply["text"], "provider": reply.get("provider")})
+        self.outcome.set_result(result)
+
+    def fail(self, error: SessionGateError, status: int | None = None) -> None:
+        self.publish("error", problem_body(error, status or error.default_status))
+        self.outcome.set_exception(error)
+        self.outcome.exception()  # retrieved: a turn nobody awaits (its client left) is not an asyncio warning
+
+    async def follow(self) -> AsyncIterator[TurnEvent]:
+        """Every event from the first, then each new one as it comes, until the last."""
+        seen = 0
+        while True:
+            changed = self._changed
+            while seen < len(self.events):
+                yield self.events[seen]
+                seen += 1
+            if self.finished:
+                return
+            await changed.wait()
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The reply's pieces; raises the turn's error (e.g. ``TurnCancelled``) after the last one."""
+        async for event in self.follow():
+            if event.name == "delta":
+                yield event.data["text"]
+        await self.outcome
+
+
+class LiveTurns:
+    """This process's running turns (at most one per session) and the way to other processes' ones.
+
+    Also the gate's :class:`sessiongate.TurnControl`: busy answers name the
+    running turn, and ``lane.mode = interrupt`` cancels it.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self._records = backend.records
+        self._settings = backend.settings
+        self.shared = not backend.settings.backend.url.startswith("memory:")
+        self._local: dict[str, LiveTurn] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.owner = f"{os.uname().nodename}:{os.getpid()}"
+
+    def start(self, runner: TurnRunner, grant: LaneGrant, session_id: str, users: Sequence[Record]) -> LiveTurn:
+        """Run a turn of ``users`` under ``grant`` in a task of its own; the task releases ``grant``."""
+        turn = LiveTurn(session_id, users)
+        self._local[session_id] = turn
+        task = asyncio.get_running_loop().create_task(self._run(runner, grant, turn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return turn
+
+    async def _run(self, runner: TurnRunner, grant: LaneGrant, turn: LiveTurn) -> None:
+        mirror = asyncio.get_running_loop().create_task(self._mirror(turn)) if self.shared else None
+        try:
+            result = await runner.stream_turn(grant, turn.session_id, turn.users, turn.delta, turn.cancelled)
+        except SessionGateError as error:
+            turn.fail(error, problem_status(error, self._settings))
+        except Exception:
+            log.exception("turn %s of session %r failed", turn.turn_id, turn.session_id)
+            turn.fail(SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}"))
+        else:
+            turn.finish(result)
+        finally:
+            try:
+                if mirror is not None:
+                    mirror.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await mirror
+                    await self._unpublish(turn)
+            finally:
+                if self._local.get(turn.session_id) is turn:
+                    del self._local[turn.session_id]
+                await grant.release()
+
+    def current(self, session_id: str) -> LiveTurn | None:
+        """The turn this process runs for ``session_id``, if any."""
+        return self._local.get(session_id)
+
+    async def running(self, session_id: str) -> RunningTurn | None:
+        turn_id = await self._running_turn_id(session_id)
+        return None if turn_id is None else RunningTurn(turn_id, current_turn_path(session_id))
+
+    async def _running_turn_id(self, session_id: str) -> str | None:
+        local = self._local.get(session_id)
+        if local is not None:
+            return local.turn_id
+        if not self.shared:
+            return None
+        record = await self._records.get(_turn_key(session_id))
+        return None if record is None else record["turnId"]
+
+    async def cancel(self, session_id: str) -> bool:
+        """Cancel the session's running turn, here or (through the records) in its own process."""
+        local = self._local.get(session_id)
+        if local is not None:
+            local.cancel()
+            return True
+        turn_id = await self._running_turn_id(session_id)
+        if turn_id is None:
+            return False
+        await self._records.put(_cancel_key(turn_id), {"at": time.time()}, ttl_ms=FINISHED_EVENTS_TTL_MS)
+        return True
+
+    async def watch(self, session_id: str) -> AsyncIterator[TurnEvent] | None:
+        """The running turn's events from its first (``None`` if no turn runs)."""
+        local = self._local.get(session_id)
+        if local is not None:
+            return local.follow()
+        turn_id = await self._running_turn_id(session_id)
+        return None if turn_id is None else self._follow_remote(session_id, turn_id)
+
+    async def _follow_remote(self, session_id: str, turn_id: str) -> AsyncIterator[TurnEvent]:
+        seen = 0
+        while True:
+            mirrored = await self._records.get(_events_key(turn_id))
+            if mirrored is not None:
+                for seq, (name, data) in enumerate(mirrored["events"][seen:], start=seen):
+                    yield TurnEvent(seq, name, data)
+                seen = len(mirrored["events"])
+                if mirrored["finished"]:
+                    return
+            elif await self._running_turn_id(session_id) != turn_id:
+                return  # its process went away before mirroring an end
+            await asyncio.sleep(POLL_S)
+
+    async def _mirror(self, turn: LiveTurn) -> None:
+        """While ``turn`` runs: name it, mirror its events, and act on a cancel from another process."""
+        mirrored = 0
+        named_at = 0.0
+        while True:
+            if time.monotonic() - named_at >= TURN_RECORD_REFRESH_S:
+                await self._records.put(_turn_key(turn.session_id), {"turnId": turn.turn_id, "owner": self.owner},
+                                        ttl_ms=TURN_RECORD_TTL_MS)
+                named_at = time.monotonic()
+            if len(turn.events) != mirrored:
+                mirrored = len(turn.events)
+                await self._put_events(turn, finished=False, ttl_ms=TURN_RECORD_TTL_MS + FINISHED_EVENTS_TTL_MS)
+            if await self._records.get(_cancel_key(turn.turn_id)) is not None:
+                turn.cancel()
+            await asyncio.sleep(POLL_S)
+
+    async def _put_events(self, turn: LiveTurn, *, finished: bool, ttl_ms: int) -> None:
+        events = [[event.name, event.data] for event in turn.events]
+        await self._records.put(_events_key(turn.turn_id), {"events": events, "finished": finished}, ttl_ms=ttl_ms)
+
+    async def _unpublish(self, turn: LiveTurn) -> None:
+        """The turn's end for remote watchers; it is no longer named as running."""
+        await self._put_events(turn, finished=True, ttl_ms=FINISHED_EVENTS_TTL_MS)
+        await self._records.delete(_turn_key(turn.session_id))
+
+    async def aclose(self) -> None:
+        """Shutdown: cancel every running turn (each stores what it has) and wait for them, bounded."""
+        for turn in list(self._local.values()):
+            turn.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_WAIT_S)
+
+
+def _turn_key(session_id: str) -> str:
+    return f"turn:{session_id}"
+
+
+def _events_key(turn_id: str) -> str:
+    return f"turn-events:{turn_id}"
+
+
+def _cancel_key(turn_id: str) -> str:
+    return f"turn-cancel:{turn_id}"
