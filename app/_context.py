@@ -14,6 +14,7 @@ import httpx
 
 from sessiongate import Backend, Settings, TranscriptStore
 
+from .collect import Inbox
 from .live import LiveTurns
 from .providers import Failover, build_failover
 from .turns import TurnRunner
@@ -32,6 +33,7 @@ class Gateway:
     providers: Failover
     turns: TurnRunner
     live: LiveTurns  # the messages API's running turns (watch, cancel); also the gate's TurnControl
+    inbox: Inbox  # lane.mode = collect: messages waiting for the next turn
     http: httpx.AsyncClient  # outbound calls of channels (Telegram sendMessage, Slack chat.postMessage)
     channels: ChannelWorker | None = None  # set by app.channels.start() in the lifespan
 
@@ -47,13 +49,16 @@ class Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
         store = TranscriptStore(backend, settings)
         providers = build_failover(settings, transport=transport)
+        turns = TurnRunner(store, providers)
+        live = live or LiveTurns(backend)
         return cls(
             settings=settings,
             backend=backend,
             store=store,
             providers=providers,
-            turns=TurnRunner(store, providers),
-            live=live or LiveTurns(backend),
+            turns=turns,
+            live=live,
+            inbox=Inbox(backend, live, turns),
             http=httpx.AsyncClient(transport=transport, timeout=OUTBOUND_TIMEOUT_S),
         )
 

@@ -71,8 +71,12 @@ def answered_earlier(transcript: Sequence[Record], user: Record) -> tuple[Record
         return None
     if earlier["text"] != user["text"]:
         raise IdempotencyKeyReused("this Idempotency-Key was already used in this session for a different message")
-    reply = next((r for r in transcript if r.get("role") == "assistant" and r.get("replyTo") == earlier["id"]), None)
+    reply = next((r for r in transcript if r.get("role") == "assistant" and answers(r, earlier)), None)
     return None if reply is None else (earlier, reply)
+
+def answers(reply: Record, user: Record) -> bool:
+    """Whether ``reply`` answers ``user`` (a ``collect`` turn's one reply answers several: ``answers``)."""
+    return reply.get("replyTo") == user["id"] or user["id"] in reply.get("answers", ())
 
 def chat_messages(records: Sequence[Record]) -> list[ChatMessage]:
     """Transcript records as the model sees them (oldest first)."""
@@ -192,6 +196,8 @@ class TurnRunner:
                        channel=users[-1].get("channel"))
             if finished else interrupted_reply(pieces, provider, users)
         )
+        if len(users) > 1:
+            reply["answers"] = [user["id"] for user in users]
         await self.store.append(session_id, [*users, reply], fence=grant.fence)
         return TurnResult(user=users[-1], reply=reply)
 

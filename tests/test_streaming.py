@@ -220,3 +220,31 @@ async def test_interrupt_cancels_the_running_turn_and_the_next_sees_its_message(
     history = [m["content"] for m in fake.requests[1]["messages"]]
     assert history[0] == LONG_TEXT and history[-1] == "stop, new question"  # the interrupted message is not lost
     assert [m.get("interrupted", False) for m in stored] == [False, True, False, False]
+
+
+async def test_collect_answers_the_waiting_messages_with_one_model_call(tmp_path: Path) -> None:
+    with slow_fake(piece_delay_s=0.2) as fake:
+        config = {"providers": [fake.provider()], "rateLimits": NO_RATE_LIMITS,
+                  "lane": {"mode": "collect", "debounceMs": 200, "queueCap": 3}}
+        with serve_gateway(tmp_path / "data", config) as gw:
+            async with httpx.AsyncClient(timeout=20) as client:
+                url = messages_url(gw.url, "k")
+                first = asyncio.create_task(client.post(url, json={"text": LONG_TEXT}))
+                await wait_for(lambda: fake.calls == 1)
+                waiting = []
+                for text in ("and also", "one more thing", "last"):
+                    waiting.append(asyncio.create_task(client.post(url, json={"text": text})))
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)
+                full = await client.post(url, json={"text": "over the cap"})
+                answers = [await task for task in [first, *waiting]]
+            stored = transcript(gw.url, "k")
+    assert_problem(full, 429, "queue-full", session_id="k")
+    assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
+    assert fake.calls == 2  # the first turn, then one turn for the three waiting messages
+    assert [m["content"] for m in fake.requests[1]["messages"]][-3:] == ["and also", "one more thing", "last"]
+    collected = {answer.json()["reply"]["id"] for answer in answers[1:]}
+    assert len(collected) == 1  # every waiting request got that one reply
+    assert [m["text"] for m in stored] == [LONG_TEXT, f"model: {LONG_TEXT}", "and also", "one more thing", "last",
+                                           "model: last"]
+    assert [answer.json()["messageId"] for answer in answers[1:]] == [m["id"] for m in stored[2:5]]

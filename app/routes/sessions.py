@@ -22,7 +22,7 @@ from sessiongate._idempotency import idempotency_key
 from .._body import message_of
 from .._context import Gateway
 from ..live import CURRENT_TURN_ROUTE, LiveTurn, TurnEvent
-from ..turns import user_record
+from ..turns import Record, user_record
 
 EVENT_STREAM = "text/event-stream"
 
@@ -66,7 +66,8 @@ class SessionMessages(HTTPEndpoint):
     async def post(self, request: Request) -> Response:
         session_id = request.path_params["sessionId"]
         grant = take_lane(request.scope)  # the turn task releases it, after its last event
-        if grant is None:  # only if the app was assembled without SessionGate in front of this route
+        collect = gateway_of(request).settings.lane.mode == "collect"
+        if grant is None and not collect:  # only if the app was assembled without SessionGate in front of this route
             raise SessionGateError("no session lane was granted to this request")
         message = message_of(request.scope)
         user = user_record(
@@ -76,8 +77,16 @@ class SessionMessages(HTTPEndpoint):
             idempotency_key=idempotency_key(request.scope),  # as the gate read it: quotes and blanks stripped
         )
         gateway = gateway_of(request)
-        turn = gateway.live.start(gateway.turns, grant, session_id, [user])
-        return await answer(request, turn)
+        if not collect:
+            return await answer(request, gateway.live.start(gateway.turns, grant, session_id, [user]), user)
+        if grant is not None:
+            return await answer(request, await gateway.inbox.start_turn(grant, session_id, user), user)
+        outcome = await gateway.inbox.wait(session_id, user)  # the gate found the session busy
+        if isinstance(outcome, LiveTurn):
+            return await answer(request, outcome, user)
+        if wants_event_stream(request):
+            return event_stream(finished_turn_events(outcome))
+        return reply_json(session_id, user["id"], outcome)
 
     async def get(self, request: Request) -> JSONResponse:
         session_id = request.path_params["sessionId"]
@@ -85,12 +94,23 @@ class SessionMessages(HTTPEndpoint):
         return JSONResponse({"sessionId": session_id, "messages": messages})
 
 
-async def answer(request: Request, turn: LiveTurn) -> Response:
-    """The turn as an event stream, or (awaited) as one JSON answer; errors raise their problem."""
+async def answer(request: Request, turn: LiveTurn, user: Record) -> Response:
+    """The turn as an event stream, or (awaited) as one JSON answer to ``user``; errors raise their problem."""
     if wants_event_stream(request):
         return event_stream(turn.follow())
     result = await turn.outcome
-    return reply_json(turn.session_id, result.user["id"], result.reply)
+    message_id = result.user["id"] if len(turn.users) == 1 else user["id"]  # one: maybe an earlier attempt's
+    return reply_json(turn.session_id, message_id, result.reply)
+
+
+async def finished_turn_events(reply: Record) -> AsyncIterator[TurnEvent]:
+    """A reply another turn gave (``collect``), as a whole turn's events."""
+    for seq, (name, data) in enumerate([
+        ("turn", {"turnId": reply.get("turnId"), "messageId": reply["replyTo"]}),
+        ("delta", {"text": reply["text"]}),
+        ("done", {"id": reply["id"], "text": reply["text"], "provider": reply.get("provider")}),
+    ]):
+        yield TurnEvent(seq, name, data)
 
 
 class CurrentTurn(HTTPEndpoint):
