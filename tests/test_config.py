@@ -67,7 +67,7 @@ def test_env_json_values_for_lists(tmp_path: Path) -> None:
         ({"sessionWriteLock": {"timeoutMs": "soon"}}, {}, "sessionWriteLock.timeoutMs", "integer", "config.json"),
         ({}, {"SESSIONGATE_SESSION_WRITE_LOCK__STALE_MS": "5"}, "sessionWriteLock.staleMs", "greater than", "SESSIONGATE_SESSION_WRITE_LOCK__STALE_MS"),
         ({"lane": {"queueCap": 0}}, {}, "lane.queueCap", "greater than", "config.json"),
-        ({"lane": {"mode": "drop"}}, {}, "lane.mode", "'reject' or 'queue'", "config.json"),
+        ({"lane": {"mode": "drop"}}, {}, "lane.mode", "'reject', 'queue', 'interrupt' or 'collect'", "config.json"),
         ({"contention": {"status": 500}}, {}, "contention.status", "409", "config.json"),
         ({"rateLimits": {"perSession": "lots"}}, {}, "rateLimits.perSession", "limits rate string", "config.json"),
         ({"providers": [{"id": "o", "type": "openai"}]}, {}, "providers.0", "baseUrl", "config.json"),
