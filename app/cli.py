@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("serve", "send", "locks", "doctor")
+COMMANDS: tuple[str, ...] = ("serve", "send", "cancel", "locks", "doctor")
 DEFAULT_COMMAND = "serve"
 
 

@@ -9,6 +9,11 @@ retryable (409, 429, 503, connection errors), wait what the server asked (plus
 jitter, so clients that were refused together do not come back together), and
 stop within a bounded number of attempts and total time.
 
+``stream`` sends a message and yields the turn's server-sent events as they
+come (``turn``, ``delta``…, then ``done`` or ``error``); only the opening of
+the stream is retried, never a stream that has started. ``attach`` follows a
+session's running turn from its first event; ``cancel`` stops it.
+
 ``SessionGateClient`` is synchronous; ``AsyncSessionGateClient`` is its
 ``asyncio`` twin with the same names.
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -30,6 +35,7 @@ import tenacity
 
 RETRYABLE_STATUSES = frozenset({409, 429, 503})
 DEFAULT_URL = "http://127.0.0.1:8787"
+EVENT_STREAM = "text/event-stream"
 
 
 class ClientError(Exception):
@@ -50,7 +56,7 @@ class ProblemError(ClientError):
 
     @property
     def retryable(self) -> bool:
-        return self.status in RETRYABLE_STATUSES
+        return self.status in RETRYABLE_STATUSES and self.type != "turn-cancelled"
 
 
 class GaveUp(ClientError):
@@ -220,6 +226,15 @@ class _ClientBase:
     def _path(session_id: str) -> str:
         return f"/v1/sessions/{quote(session_id, safe=':@')}/messages"
 
+    @staticmethod
+    def _turn_path(session_id: str) -> str:
+        return f"/v1/sessions/{quote(session_id, safe=':@')}/turns/current"
+
+    def _streamed_post(self, *args: Any) -> httpx.Request:
+        request = self._post(*args)
+        request["headers"]["Accept"] = EVENT_STREAM
+        return self.http.build_request("POST", **request)
+
     def _post(self, session_id: str, text: str, sender: str | None, idempotency_key: str | None) -> dict[str, Any]:
         """``http.post`` arguments of one logical message: its key is chosen here, once."""
         body: dict[str, Any] = {"text": text}
@@ -251,6 +266,48 @@ class SessionGateClient(_ClientBase):
         """The session's transcript, in order."""
         return parse_response(self.http.get(self._path(session_id)))["messages"]
 
+    def stream(
+        self, session_id: str, text: str, sender: str | None = None, idempotency_key: str | None = None
+    ) -> Iterator[ServerEvent]:
+        """Post one message and yield its turn's events; opening the stream is retried like :meth:`send`."""
+        request = self._streamed_post(session_id, text, sender, idempotency_key)
+        for attempt in self._retrying(tenacity.Retrying):
+            with attempt:
+                response = self._open(request)
+        yield from self._events(response)
+
+    def attach(self, session_id: str) -> Iterator[ServerEvent]:
+        """The session's running turn from its first event (``ProblemError`` 404 when none runs)."""
+        yield from self._events(self._open(self.http.build_request(
+            "GET", self._turn_path(session_id), headers={"Accept": EVENT_STREAM})))
+
+    def cancel(self, session_id: str) -> bool:
+        """Cancel the session's running turn; ``False`` if none ran."""
+        response = self.http.delete(self._turn_path(session_id))
+        if response.status_code == 404:
+            return False
+        if response.status_code != 204:
+            parse_response(response)  # raises for an error answer
+        return True
+
+    def _open(self, request: httpx.Request) -> httpx.Response:
+        response = self.http.send(request, stream=True)
+        if not response.is_success:
+            response.read()
+            response.close()
+            parse_response(response)
+        return response
+
+    @staticmethod
+    def _events(response: httpx.Response) -> Iterator[ServerEvent]:
+        decoder = EventDecoder()
+        try:
+            for line in response.iter_lines():
+                if (event := decoder.feed(line)) is not None:
+                    yield event
+        finally:
+            response.close()
+
     def close(self) -> None:
         self.http.close()
 
@@ -279,6 +336,51 @@ class AsyncSessionGateClient(_ClientBase):
     async def messages(self, session_id: str) -> list[dict[str, Any]]:
         """The session's transcript, in order."""
         return parse_response(await self.http.get(self._path(session_id)))["messages"]
+
+    async def stream(
+        self, session_id: str, text: str, sender: str | None = None, idempotency_key: str | None = None
+    ) -> AsyncIterator[ServerEvent]:
+        """Post one message and yield its turn's events; opening the stream is retried like :meth:`send`."""
+        request = self._streamed_post(session_id, text, sender, idempotency_key)
+        async for attempt in self._retrying(tenacity.AsyncRetrying):
+            with attempt:
+                response = await self._open(request)
+        async for event in self._events(response):
+            yield event
+
+    async def attach(self, session_id: str) -> AsyncIterator[ServerEvent]:
+        """The session's running turn from its first event (``ProblemError`` 404 when none runs)."""
+        response = await self._open(self.http.build_request(
+            "GET", self._turn_path(session_id), headers={"Accept": EVENT_STREAM}))
+        async for event in self._events(response):
+            yield event
+
+    async def cancel(self, session_id: str) -> bool:
+        """Cancel the session's running turn; ``False`` if none ran."""
+        response = await self.http.delete(self._turn_path(session_id))
+        if response.status_code == 404:
+            return False
+        if response.status_code != 204:
+            parse_response(response)  # raises for an error answer
+        return True
+
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        response = await self.http.send(request, stream=True)
+        if not response.is_success:
+            await response.aread()
+            await response.aclose()
+            parse_response(response)
+        return response
+
+    @staticmethod
+    async def _events(response: httpx.Response) -> AsyncIterator[ServerEvent]:
+        decoder = EventDecoder()
+        try:
+            async for line in response.aiter_lines():
+                if (event := decoder.feed(line)) is not None:
+                    yield event
+        finally:
+            await response.aclose()
 
     async def aclose(self) -> None:
         await self.http.aclose()
