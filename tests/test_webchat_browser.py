@@ -132,3 +132,48 @@ def test_a_refused_message_shows_the_problem_and_is_not_retried(gateway: Gateway
     expect(page.locator("#status")).to_have_class(re.compile(r"\berror\b"))
     assert len(posts) == 1, posts
     page.close()
+
+
+STREAM_SESSION = "webchat:stream"
+STREAM_WORDS = [f"word{number}" for number in range(12)]
+
+
+@pytest.fixture(scope="module")
+def slow_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """Turns of 6 s, a word every 500 ms: long enough to watch a reply grow and stop it."""
+    config = {"providers": [{"id": "echo", "type": "echo", "delayMs": 6_000}],
+              "rateLimits": {"perSession": "1000/minute", "perSender": "1000/minute"}}
+    with GatewayProcess(tmp_path_factory.mktemp("webchat-stream") / "data", config) as process:
+        yield process
+
+
+def test_a_reply_streams_the_other_tab_attaches_and_stop_cancels(slow_gateway: GatewayProcess, browser: Browser) -> None:
+    context = browser.new_context()
+    sender = context.new_page()
+    sender.goto(f"{slow_gateway.url}/?session={STREAM_SESSION}")
+    sender.fill("#message", " ".join(STREAM_WORDS))
+    sender.press("#message", "Enter")
+
+    growing = sender.locator("#transcript .live .text")
+    expect(growing).to_have_text(re.compile(r"^word0 word1 "), timeout=10_000)  # part of the reply, as it comes
+    assert "word11" not in growing.text_content()
+
+    watcher = context.new_page()  # the other tab: it shows the running turn instead of a bare busy notice
+    watcher.goto(f"{slow_gateway.url}/?session={STREAM_SESSION}")
+    expect(watcher.locator("#transcript .live .text")).to_have_text(re.compile(r"^word0 word1 word2 "), timeout=10_000)
+    expect(watcher.locator("#stop")).to_be_visible()
+    watcher.click("#stop")
+
+    for tab in (sender, watcher):
+        expect(tab.locator("#transcript .live")).to_have_count(0, timeout=10_000)
+        expect(tab.locator("#transcript .interrupted")).to_have_count(1, timeout=10_000)
+        expect(tab.locator("#stop")).to_be_hidden()
+    expect(sender.locator("#transcript .failed")).to_have_count(0)
+    expect(sender.locator("#transcript .pending")).to_have_count(0)
+    expect(sender.locator("#status")).to_have_text("Stopped")
+    context.close()
+
+    stored = httpx.get(f"{slow_gateway.url}/v1/sessions/{STREAM_SESSION}/messages").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["interrupted"] is True and " ".join(STREAM_WORDS).startswith(stored[1]["text"])
+    assert stored[1]["text"] != " ".join(STREAM_WORDS)

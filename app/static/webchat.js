@@ -6,6 +6,13 @@
 // backoff) within a budget of attempts and time; other errors show the
 // problem's title and detail. Messages of one tab go out one at a time; the
 // transcript is refreshed after each reply and polled, so tabs see each other.
+//
+// Replies stream: a message is posted with Accept: text/event-stream and the
+// reply grows in a live bubble as its deltas come. A running turn of the
+// session sent by someone else (another tab) is shown the same way: a busy
+// answer names it (turnId) and the poll looks for one, and the tab follows it
+// at GET .../turns/current. The Stop button cancels the running turn (DELETE);
+// its message stays in the transcript beside the partial reply.
 "use strict";
 
 (() => {
@@ -25,12 +32,15 @@
     status: document.getElementById("status"),
     composer: document.getElementById("composer"),
     message: document.getElementById("message"),
+    stop: document.getElementById("stop"),
   };
 
   let sessionId = "";
   let serverMessages = [];
   const pending = []; // messages of this tab not yet answered: {id, sessionId, text, state, note}
   let outbox = Promise.resolve();
+  let live = null; // the session's running turn as this tab follows it: {turnId, text}
+  let watching = false; // a GET .../turns/current is being read
 
   class ProblemError extends Error {
     constructor(status, problem) {
@@ -62,6 +72,69 @@
   }
 
   const messagesUrl = (id) => `v1/sessions/${encodeURIComponent(id)}/messages`;
+  const turnUrl = (id) => `v1/sessions/${encodeURIComponent(id)}/turns/current`;
+
+  // The server-sent events of a response body: {name, data} per event.
+  async function* serverEvents(response) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (data.length) yield { name, data: JSON.parse(data.join("\n")) };
+      }
+    }
+  }
+
+  // Show a turn's events in the live bubble; resolves to the done event's reply, throws the error event's problem.
+  async function followTurn(response, forSession) {
+    try {
+      for await (const event of serverEvents(response)) {
+        if (forSession !== sessionId) continue;
+        if (event.name === "turn") live = { turnId: event.data.turnId, text: "" };
+        else if (event.name === "delta" && live) live.text += event.data.text;
+        else if (event.name === "done") return event.data;
+        else if (event.name === "error") throw new ProblemError(event.data.status || 500, event.data);
+        render();
+      }
+      throw new ProblemError(0, { title: "Stream ended", detail: "the connection closed before the reply was complete" });
+    } finally {
+      live = null;
+      render();
+    }
+  }
+
+  // Follow the session's running turn, if one runs and this tab is not following one already.
+  async function watch() {
+    if (watching || live) return;
+    const forSession = sessionId;
+    watching = true;
+    try {
+      const response = await fetch(turnUrl(forSession), { headers: headers({ Accept: "text/event-stream" }), cache: "no-store" });
+      if (!response.ok) return;
+      await followTurn(response, forSession).catch(() => {}); // the turn's own client reports its outcome
+    } catch { /* unreachable: the poll reports it */ } finally {
+      watching = false;
+    }
+    if (forSession === sessionId) await refresh();
+  }
+
+  async function stopTurn() {
+    try {
+      await fetch(turnUrl(sessionId), { method: "DELETE", headers: headers() });
+    } catch { /* unreachable: the poll reports it */ }
+  }
 
   async function readProblem(response) {
     try {
@@ -100,12 +173,18 @@
       try {
         const response = await fetch(messagesUrl(item.sessionId), {
           method: "POST",
-          headers: headers({ "Content-Type": "application/json", "Idempotency-Key": item.id }),
+          headers: headers({
+            "Content-Type": "application/json", "Idempotency-Key": item.id, Accept: "text/event-stream",
+          }),
           body: JSON.stringify({ text: item.text }),
         });
-        if (response.ok) return await response.json();
+        if (response.ok) {
+          updatePending(item, "pending", "answering…");
+          return await followTurn(response, item.sessionId);
+        }
         const problem = await readProblem(response);
         if (!RETRYABLE_STATUSES.has(response.status)) throw new ProblemError(response.status, problem);
+        if (problem.turnId && item.sessionId === sessionId) watch(); // show what the session is busy with
         hintMs = serverHintMs(response, problem);
         reason = "busy";
       } catch (error) {
@@ -134,9 +213,14 @@
       pending.splice(pending.indexOf(item), 1);
       setStatus(pending.length ? `${pending.length} waiting to send` : "");
     } catch (error) {
-      const { title, detail } = error.problem || { title: "Error", detail: String(error) };
-      updatePending(item, "failed", [title, detail].filter(Boolean).join(": "));
-      setStatus(`${title}${detail ? `: ${detail}` : ""}`, "error");
+      const { title, detail, type } = error.problem || { title: "Error", detail: String(error) };
+      if (String(type).endsWith("/turn-cancelled")) { // stopped: the message and its partial reply are stored
+        pending.splice(pending.indexOf(item), 1);
+        setStatus("Stopped");
+      } else {
+        updatePending(item, "failed", [title, detail].filter(Boolean).join(": "));
+        setStatus(`${title}${detail ? `: ${detail}` : ""}`, "error");
+      }
     }
     await refresh();
   }
@@ -169,10 +253,13 @@
         serverMessages = messages;
         render();
       }
+      if (!outboxBusy()) watch();
     } catch {
       if (!pending.length) setStatus("Gateway unreachable; will keep trying", "error");
     }
   }
+
+  const outboxBusy = () => pending.some((item) => item.state === "pending" && item.sessionId === sessionId);
 
   const signature = (messages) => `${messages.length}:${messages.length ? messages[messages.length - 1].id : ""}`;
 
@@ -199,7 +286,8 @@
       ? message.sender || "user"
       : `assistant${message.provider ? ` · ${message.provider}` : ""}`;
     const role = message.role === "user" ? "user" : "assistant";
-    return messageElement(role, [who, formatTime(message.at)].filter(Boolean).join(" · "), message.text ?? "");
+    const meta = [who, formatTime(message.at), message.interrupted ? "stopped" : ""].filter(Boolean).join(" · ");
+    return messageElement(role, meta, message.text ?? "", message.interrupted ? "interrupted" : "");
   }
 
   function pendingElement(item) {
@@ -219,8 +307,11 @@
   function render() {
     const atBottom = ui.scroller.scrollHeight - ui.scroller.scrollTop - ui.scroller.clientHeight < 40;
     const mine = pending.filter((item) => item.sessionId === sessionId);
-    ui.transcript.replaceChildren(...serverMessages.map(serverMessageElement), ...mine.map(pendingElement));
-    ui.empty.hidden = serverMessages.length + mine.length > 0;
+    const liveElements = live ? [messageElement("assistant", "assistant · writing…", live.text, "live")] : [];
+    ui.transcript.replaceChildren(
+      ...serverMessages.map(serverMessageElement), ...liveElements, ...mine.map(pendingElement));
+    ui.empty.hidden = serverMessages.length + mine.length + liveElements.length > 0;
+    ui.stop.hidden = !live;
     if (atBottom) ui.scroller.scrollTop = ui.scroller.scrollHeight;
   }
 
@@ -232,6 +323,7 @@
     url.searchParams.set("session", id);
     history.replaceState(null, "", url);
     serverMessages = [];
+    live = null;
     render();
     refresh();
   }
@@ -257,6 +349,8 @@
     render();
     enqueue(item);
   });
+
+  ui.stop.addEventListener("click", stopTurn);
 
   ui.message.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
