@@ -75,6 +75,7 @@ class LiveTurn:
         self.message_id = self.users[-1]["id"]
         self.events: list[TurnEvent] = []
         self.cancelled = asyncio.Event()
+        self.mirrored = False  # its events were written for other processes (LiveTurns._mirror)
         self.outcome: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
         self.publish("turn", {"turnId": self.turn_id, "messageId": self.message_id})
@@ -172,7 +173,8 @@ class LiveTurns:
                     mirror.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await mirror
-                    await self._unpublish(turn)
+                    if turn.mirrored:
+                        await self._unpublish(turn)
             finally:
                 if self._local.get(turn.session_id) is turn:
                     del self._local[turn.session_id]
@@ -230,10 +232,16 @@ class LiveTurns:
             await asyncio.sleep(POLL_S)
 
     async def _mirror(self, turn: LiveTurn) -> None:
-        """While ``turn`` runs: name it, mirror its events, and act on a cancel from another process."""
+        """While ``turn`` runs: name it, mirror its events, and act on a cancel from another process.
+
+        It starts after one :data:`POLL_S`: a turn's first delta does not wait
+        for file or Redis writes, and a turn shorter than that is never mirrored.
+        """
         mirrored = 0
         named_at = 0.0
         while True:
+            await asyncio.sleep(POLL_S)
+            turn.mirrored = True
             if time.monotonic() - named_at >= TURN_RECORD_REFRESH_S:
                 await self._records.put(_turn_key(turn.session_id), {"turnId": turn.turn_id, "owner": self.owner},
                                         ttl_ms=TURN_RECORD_TTL_MS)
@@ -243,7 +251,6 @@ class LiveTurns:
                 await self._put_events(turn, finished=False, ttl_ms=TURN_RECORD_TTL_MS + FINISHED_EVENTS_TTL_MS)
             if await self._records.get(_cancel_key(turn.turn_id)) is not None:
                 turn.cancel()
-            await asyncio.sleep(POLL_S)
 
     async def _put_events(self, turn: LiveTurn, *, finished: bool, ttl_ms: int) -> None:
         events = [[event.name, event.data] for event in turn.events]
