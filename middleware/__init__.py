@@ -24,8 +24,9 @@ from ._errors import (
     Unauthorized,
 )
 from ._gate import SessionGate, lane_of
-from ._ids import validate_session_id
+from ._ids import file_stem, is_valid_session_id, validate_session_id
 from ._lanes import LaneGrant
+from ._problem import problem_response
 from ._store import TranscriptStore
 
 __all__ = [
@@ -49,7 +50,10 @@ __all__ = [
     "Settings",
     "TranscriptStore",
     "Unauthorized",
+    "file_stem",
+    "is_valid_session_id",
     "lane_of",
     "open_backend",
+    "problem_response",
     "validate_session_id",
 ]
