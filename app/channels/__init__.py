@@ -1,9 +1,11 @@
 """Chat channels: the Telegram and Slack webhooks and the background worker that answers them.
 
-The gateway (:func:`app._server.create_app`) mounts :func:`routes` and calls
-:func:`start` / :func:`stop` in its lifespan. A webhook makes the inbound
-message durable and acknowledges; the worker (:mod:`.worker`) runs the turns
-through the session lanes and delivers the replies, exactly once per message.
+The gateway (:func:`sessiongate.gateway._server.create_app`) mounts :func:`routes` and calls
+:func:`start` / :func:`stop` in its lifespan. A webhook
+makes the inbound message durable and acknowledges; the worker (:mod:`.worker`)
+runs the turns through the session lanes and delivers the replies, exactly once
+per message. The types every channel shares are in :mod:`.base`, platform calls
+in :mod:`.outbound`, the channels' own files in :mod:`.durable`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from starlette.routing import BaseRoute, Route
 
 from sessiongate import Settings
 
+from .base import Channel, ChannelNotConfigured
 from .slack import SlackChannel, slack_webhook
 from .telegram import TelegramChannel, telegram_webhook
-from .worker import Channel, ChannelNotConfigured, ChannelWorker
+from .worker import ChannelWorker
 
 if TYPE_CHECKING:
     from sessiongate.gateway._context import Gateway
@@ -36,6 +39,7 @@ def routes() -> list[BaseRoute]:
 
 
 def configured_channels(settings: Settings) -> list[Channel]:
+    """The channels that have a section in ``settings.channels``."""
     channels: list[Channel] = []
     if settings.channels.telegram is not None:
         channels.append(TelegramChannel(settings.channels.telegram))

@@ -18,23 +18,15 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sessiongate import InvalidRequest, SessionBusy, Unauthorized
+from sessiongate import InvalidRequest, SessionBusy, Unauthorized, problem_response
 from sessiongate._config import TelegramSettings
-from sessiongate._problem import problem_response
+from sessiongate.gateway._body import json_object
 
-from .worker import (
-    Acceptance,
-    Channel,
-    ChannelNotConfigured,
-    DeliveryFailed,
-    DeliveryRetry,
-    Inbound,
-    bot_token,
-    channel_for,
-    post_json,
-    read_json_object,
-    seconds_or_default,
-)
+from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
+from .outbound import bot_token, post_json, seconds_or_default
+from .worker import channel_for
+
+__all__ = ["TelegramChannel", "telegram_webhook"]
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 MAX_MESSAGE_CHARS = 4096  # the Bot API's limit for one message's text
@@ -123,7 +115,7 @@ async def telegram_webhook(request: Request) -> Response:
     try:
         worker, channel = channel_for(request, TelegramChannel)
         channel.check_secret(request)
-        inbound = channel.inbound(await read_json_object(request))
+        inbound = channel.inbound(json_object(await request.body()))
         if inbound is None:
             return JSONResponse({"ok": True, "ignored": "not a text message"})
         outcome = await worker.accept(inbound)
