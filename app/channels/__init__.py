@@ -1,7 +1,8 @@
 """Chat channels: the Telegram and Slack webhooks and the background worker that answers them.
 
-The gateway (:func:`sessiongate.gateway._server.create_app`) mounts :func:`routes` and calls
-:func:`start` / :func:`stop` in its lifespan. A webhook
+The gateway (:func:`sessiongate.gateway._server.create_app`) mounts :func:`routes`;
+:meth:`~sessiongate.gateway._context.Gateway.open` builds the :class:`ChannelWorker`
+over :func:`configured_channels`, and the lifespan starts and stops it. A webhook
 makes the inbound message durable and acknowledges; the worker (:mod:`.worker`)
 runs the turns through the session lanes and delivers the replies, exactly once
 per message. The types every channel shares are in :mod:`.base`, platform calls
@@ -9,8 +10,6 @@ in :mod:`.outbound`, the channels' own files in :mod:`.durable`.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from starlette.routing import BaseRoute, Route
 
@@ -21,10 +20,7 @@ from .slack import SlackChannel, slack_webhook
 from .telegram import TelegramChannel, telegram_webhook
 from .worker import ChannelWorker
 
-if TYPE_CHECKING:
-    from sessiongate.gateway._context import Gateway
-
-__all__ = ["ChannelNotConfigured", "ChannelWorker", "configured_channels", "routes", "start", "stop"]
+__all__ = ["ChannelNotConfigured", "ChannelWorker", "configured_channels", "routes"]
 
 TELEGRAM_PATH = "/v1/webhooks/telegram"
 SLACK_PATH = "/v1/webhooks/slack"
@@ -46,17 +42,3 @@ def configured_channels(settings: Settings) -> list[Channel]:
     if settings.channels.slack is not None:
         channels.append(SlackChannel(settings.channels.slack))
     return channels
-
-
-async def start(gateway: Gateway) -> None:
-    """Start the channel worker and resume the work a previous run left (unreplied, undelivered, spooled)."""
-    worker = ChannelWorker(gateway, configured_channels(gateway.settings))
-    gateway.channels = worker
-    worker.start()
-
-
-async def stop(gateway: Gateway) -> None:
-    """Stop the worker; unfinished work stays in the transcripts for the next start."""
-    if gateway.channels is not None:
-        await gateway.channels.aclose()
-        gateway.channels = None

@@ -35,20 +35,19 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+import httpx
 from starlette.requests import Request
 
-from sessiongate import LaneGrant, RetryableError, SessionBusy
+from sessiongate import Backend, LaneGrant, RetryableError, SessionBusy, Settings, TranscriptStore
 from sessiongate.gateway._logging import SESSION_ID
 from sessiongate.gateway._metrics import CHANNEL_DELIVERIES, CHANNEL_MESSAGES
+from sessiongate.gateway.turns import TurnRunner
 
 from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
 from .durable import DeliveryCursors, Spool
 from .outbound import MAX_RETRY_AFTER_S, send_with_retries
-
-if TYPE_CHECKING:
-    from sessiongate.gateway._context import Gateway
 
 __all__ = ["ChannelWorker", "channel_for"]
 
@@ -69,16 +68,29 @@ C = TypeVar("C", bound=Channel)
 class ChannelWorker:
     """Accepts inbound messages durably and runs each channel session's turns in the background."""
 
-    def __init__(self, gateway: Gateway, channels: Iterable[Channel]) -> None:
-        self._gateway = gateway
+    def __init__(
+        self,
+        channels: Iterable[Channel],
+        *,
+        settings: Settings,
+        backend: Backend,
+        store: TranscriptStore,
+        turns: TurnRunner,
+        http: httpx.AsyncClient,
+    ) -> None:
         self._channels = list(channels)
+        self._backend = backend
+        self._store = store
+        self._turns = turns
+        self._http = http
+        self._running = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
         self._given_up: set[str] = set()  # user record ids whose turn failed TURN_ATTEMPTS times
-        channels_dir = Path(gateway.settings.data_dir) / "channels"
+        channels_dir = Path(settings.data_dir) / "channels"
         self._spool = Spool(channels_dir / "spool")
         self._cursors = DeliveryCursors(channels_dir / "delivered")
-        self._claim_ttl_ms = gateway.settings.session_write_lock.timeout_ms + CLAIM_MARGIN_MS
+        self._claim_ttl_ms = settings.session_write_lock.timeout_ms + CLAIM_MARGIN_MS
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -96,7 +108,7 @@ class ChannelWorker:
         return outcome
 
     async def _accept(self, inbound: Inbound) -> Acceptance:
-        records = self._gateway.backend.records
+        records = self._backend.records
         if await records.get(inbound.dedupe_key) is not None:
             return Acceptance.DUPLICATE
         claim_key = f"{inbound.dedupe_key}:claim"
@@ -106,7 +118,7 @@ class ChannelWorker:
             if await self._in_transcript(inbound):
                 outcome = Acceptance.DUPLICATE
             else:
-                await self._gateway.store.append(inbound.session_id, [inbound.record], fence=None)
+                await self._store.append(inbound.session_id, [inbound.record], fence=None)
                 outcome = Acceptance.NEW
             await records.put(inbound.dedupe_key, {"at": time.time()}, ttl_ms=DEDUPE_TTL_MS)
         finally:
@@ -122,7 +134,7 @@ class ChannelWorker:
 
     async def _in_transcript(self, inbound: Inbound) -> bool:
         external_id = inbound.record["externalId"]
-        transcript = await self._gateway.store.read_unlocked(inbound.session_id)
+        transcript = await self._store.read_unlocked(inbound.session_id)
         return any(record.get("externalId") == external_id for record in transcript)
 
     # -- background tasks ------------------------------------------------------------------
@@ -139,8 +151,14 @@ class ChannelWorker:
         # a fresh context: the task outlives the request that kicked it, and must not log its request id
         self._tasks[key] = asyncio.create_task(run, name=f"channel {key}", context=contextvars.Context())
 
+    @property
+    def running(self) -> bool:
+        """Between :meth:`start` and :meth:`aclose`: only then may a webhook hand it work."""
+        return self._running
+
     def start(self) -> None:
         """Resume, in the background, what a previous run left: spooled messages, then channel sessions with work."""
+        self._running = True
         self.kick(SPOOL_TASK)
         self._spawn(RECOVERY_TASK, self._recover())
 
@@ -148,11 +166,11 @@ class ChannelWorker:
         """Kick every channel session with an unanswered message or an undelivered reply."""
         try:
             resumed = 0
-            for session_id in await asyncio.to_thread(self._gateway.store.session_ids):
+            for session_id in await asyncio.to_thread(self._store.session_ids):
                 channel = self._channel_of(session_id)
                 if channel is None:
                     continue
-                transcript = await self._gateway.store.read_unlocked(session_id)
+                transcript = await self._store.read_unlocked(session_id)
                 if await self._next_work(channel, session_id, transcript) != (None, None):
                     self.kick(session_id)
                     resumed += 1
@@ -162,6 +180,7 @@ class ChannelWorker:
 
     async def aclose(self) -> None:
         """Cancel the background tasks; their unfinished work is picked up on the next start."""
+        self._running = False
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -203,10 +222,9 @@ class ChannelWorker:
         """Under the session's lane: deliver one pending reply or run one pending turn."""
         channel = self._channel_of(session_id)
         assert channel is not None
-        gateway = self._gateway
-        grant = await gateway.backend.acquire_lane(session_id, max_wait_ms=LANE_WAIT_MS)
+        grant = await self._backend.acquire_lane(session_id, max_wait_ms=LANE_WAIT_MS)
         try:
-            transcript = await gateway.store.read(session_id)
+            transcript = await self._store.read(session_id)
             reply, user = await self._next_work(channel, session_id, transcript)
             if user is not None:
                 reply = await self._run_turn(session_id, user, grant, transcript)
@@ -223,7 +241,7 @@ class ChannelWorker:
         """The turn for a stored user record; ``None`` when it failed (retried up to TURN_ATTEMPTS)."""
         for attempt in range(1, TURN_ATTEMPTS + 1):
             try:
-                result = await self._gateway.turns.run_turn(
+                result = await self._turns.run_turn(
                     grant, session_id, user, already_stored=True, transcript=transcript
                 )
                 return result.reply
@@ -275,7 +293,7 @@ class ChannelWorker:
     async def _deliver(self, channel: Channel, session_id: str, reply: dict[str, Any]) -> None:
         """Send ``reply`` with bounded retries honouring the platform's retry-after, then move the cursor."""
         try:
-            await send_with_retries(channel, self._gateway.http, session_id, reply["text"])
+            await send_with_retries(channel, self._http, session_id, reply["text"])
             state: dict[str, Any] = {"status": "sent"}
             logger.info("reply %s to %s delivered", reply["id"], session_id)
         except (DeliveryRetry, DeliveryFailed) as exc:
@@ -310,7 +328,7 @@ class ChannelWorker:
 
 def channel_for(request: Request, kind: type[C]) -> tuple[ChannelWorker, C]:
     """The channel worker of the gateway serving ``request``, and its channel of ``kind``."""
-    worker: ChannelWorker | None = request.app.state.gateway.channels
-    if worker is None:
+    worker: ChannelWorker = request.app.state.gateway.channels
+    if not worker.running:
         raise ChannelNotConfigured("the channel worker is not running")
     return worker, worker.channel(kind)
