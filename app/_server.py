@@ -34,10 +34,18 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessiongate import SessionGate, SessionGateError, Settings, open_backend
-from sessiongate._gate import client_address
-from sessiongate._ids import is_valid_session_id
-from sessiongate._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
+from sessiongate import (
+    EXPOSED_HEADERS,
+    SessionGate,
+    SessionGateError,
+    Settings,
+    client_address,
+    is_valid_session_id,
+    open_backend,
+    problem_response,
+    problem_status,
+    send_problem,
+)
 
 from . import channels
 from ._auth import BearerAuth

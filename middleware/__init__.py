@@ -23,13 +23,14 @@ from ._errors import (
     SessionGateError,
     Unauthorized,
 )
-from ._gate import SessionGate, lane_of
+from ._gate import SessionGate, client_address, lane_of
 from ._ids import file_stem, is_valid_session_id, validate_session_id
 from ._lanes import LaneGrant
-from ._problem import problem_response
+from ._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
 from ._store import TranscriptStore
 
 __all__ = [
+    "EXPOSED_HEADERS",
     "Backend",
     "BackendUnavailable",
     "ConfigError",
@@ -50,10 +51,13 @@ __all__ = [
     "Settings",
     "TranscriptStore",
     "Unauthorized",
+    "client_address",
     "file_stem",
     "is_valid_session_id",
     "lane_of",
     "open_backend",
     "problem_response",
+    "problem_status",
+    "send_problem",
     "validate_session_id",
 ]
