@@ -58,9 +58,13 @@ class Channel(ABC):
         """Sort key among a session's pending messages; equal keys keep transcript order."""
         return 0
 
+    def parts(self, text: str) -> list[str]:
+        """A reply as the messages the platform takes, each sent (and retried) on its own."""
+        return [text]
+
     @abstractmethod
     async def send(self, http: httpx.AsyncClient, session_id: str, text: str) -> None:
-        """Deliver ``text`` to the chat behind ``session_id``; raise DeliveryRetry / DeliveryFailed."""
+        """Deliver one part to the chat behind ``session_id``; raise DeliveryRetry / DeliveryFailed."""
 
 
 @dataclass(frozen=True)

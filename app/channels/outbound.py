@@ -64,17 +64,21 @@ def seconds_or_default(value: object, default: float = 1.0) -> float:
 
 
 async def send_with_retries(channel: Channel, http: httpx.AsyncClient, session_id: str, text: str) -> None:
-    """``channel.send`` with up to ``SEND_ATTEMPTS`` tries; raises the last DeliveryRetry, or DeliveryFailed."""
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type(DeliveryRetry),
-        wait=_platform_retry_after,
-        stop=stop_after_attempt(SEND_ATTEMPTS),
-        before_sleep=lambda _: CHANNEL_DELIVERY_RETRIES.labels(channel=channel.name).inc(),
-        reraise=True,
-    )
-    async for attempt in retrying:
-        with attempt:
-            await channel.send(http, session_id, text)
+    """Send ``text`` part by part, each with up to ``SEND_ATTEMPTS`` tries; raises DeliveryRetry / DeliveryFailed.
+
+    A part is retried alone, so a part the platform has taken is never sent again.
+    """
+    for part in channel.parts(text):
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(DeliveryRetry),
+            wait=_platform_retry_after,
+            stop=stop_after_attempt(SEND_ATTEMPTS),
+            before_sleep=lambda _: CHANNEL_DELIVERY_RETRIES.labels(channel=channel.name).inc(),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await channel.send(http, session_id, part)
 
 
 def _platform_retry_after(retry_state: RetryCallState) -> float:

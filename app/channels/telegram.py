@@ -43,6 +43,9 @@ class TelegramChannel(Channel):
     def order_key(self, record: dict[str, Any]) -> int:
         return int(record.get("updateId", 0))
 
+    def parts(self, text: str) -> list[str]:
+        return [text[start:start + MAX_MESSAGE_CHARS] for start in range(0, max(1, len(text)), MAX_MESSAGE_CHARS)]
+
     @property
     def bot_id(self) -> str:
         """The bot's numeric id (the token's prefix), so two bots sharing a backend keep apart."""
@@ -89,14 +92,12 @@ class TelegramChannel(Channel):
         token = bot_token(self.settings.bot_token_env)
         chat_id = int(session_id.removeprefix(f"{self.name}:"))
         url = f"{self.settings.api_base.rstrip('/')}/bot{token}/sendMessage"
-        for start in range(0, max(1, len(text)), MAX_MESSAGE_CHARS):
-            part = {"chat_id": chat_id, "text": text[start:start + MAX_MESSAGE_CHARS]}
-            response, answer = await post_json(http, url, part, what="sendMessage")
-            if response.status_code == 429 or answer.get("error_code") == 429:
-                asked = _object(answer.get("parameters")).get("retry_after") or response.headers.get("Retry-After")
-                raise DeliveryRetry("sendMessage: 429 Too Many Requests", retry_after_s=seconds_or_default(asked))
-            if not answer.get("ok"):
-                raise DeliveryFailed(f"sendMessage: {answer.get('description') or f'HTTP {response.status_code}'}")
+        response, answer = await post_json(http, url, {"chat_id": chat_id, "text": text}, what="sendMessage")
+        if response.status_code == 429 or answer.get("error_code") == 429:
+            asked = _object(answer.get("parameters")).get("retry_after") or response.headers.get("Retry-After")
+            raise DeliveryRetry("sendMessage: 429 Too Many Requests", retry_after_s=seconds_or_default(asked))
+        if not answer.get("ok"):
+            raise DeliveryFailed(f"sendMessage: {answer.get('description') or f'HTTP {response.status_code}'}")
 
 
 def _object(value: Any) -> dict[str, Any]:
