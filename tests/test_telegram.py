@@ -14,11 +14,20 @@ import anyio
 import httpx
 import pytest
 
-from sessiongate.gateway._server import create_app
 from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate.gateway._server import create_app
 from sessiongate.gateway.channels.telegram import MAX_MESSAGE_CHARS
+from sessiongate.gateway.settings import GatewaySettings
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
-from tests.support import NO_RATE_LIMITS, GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript, wait_until
+from tests.support import (
+    NO_RATE_LIMITS,
+    GatewayProcess,
+    UvicornThread,
+    metric_delta,
+    scrape_metrics,
+    transcript,
+    wait_until,
+)
 
 ENV = {"TELEGRAM_BOT_TOKEN": BOT_TOKEN}
 
@@ -61,7 +70,7 @@ def test_missing_or_wrong_secret_is_401_and_nothing_is_stored(gateway: GatewayPr
 def test_unconfigured_telegram_answers_404_channel_not_configured(
     tmp_path: Path, telegram: dict[str, Any] | None
 ) -> None:
-    settings = Settings.model_validate({"dataDir": str(tmp_path), "channels": {"telegram": telegram}})
+    settings = GatewaySettings.model_validate({"dataDir": str(tmp_path), "channels": {"telegram": telegram}})
     with UvicornThread(create_app(settings)) as server:
         response = post_update(server.url, update(1, 10, "anyone there?"))
     assert response.status_code == 404
@@ -152,7 +161,6 @@ def test_telegram_429_from_send_message_is_honoured(gateway: GatewayProcess, tel
     assert calls[1].path == f"/bot{BOT_TOKEN}/sendMessage"
 
 
-
 def test_a_long_reply_throttled_between_its_parts_sends_each_part_once(
     gateway: GatewayProcess, telegram_api: FakeTelegramApi
 ) -> None:
@@ -164,6 +172,7 @@ def test_a_long_reply_throttled_between_its_parts_sends_each_part_once(
     assert "".join(texts) == first + second
     calls = [call for call in telegram_api.calls if call.body.get("chat_id") == 30]
     assert [call.throttled for call in calls] == [False, True, False]
+
 
 @pytest.mark.anyio
 async def test_busy_write_lock_answers_429_with_integer_retry_after_and_the_retry_is_processed(

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import Settings
-
+from ..settings import GatewaySettings
 from .base import Channel, ChannelNotConfigured
 from .slack import SlackChannel, slack_webhook
 from .telegram import TelegramChannel, telegram_webhook
@@ -34,7 +33,7 @@ def routes() -> list[BaseRoute]:
     ]
 
 
-def configured_channels(settings: Settings) -> list[Channel]:
+def configured_channels(settings: GatewaySettings) -> list[Channel]:
     """The channels that have a section in ``settings.channels``."""
     channels: list[Channel] = []
     if settings.channels.telegram is not None:

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from sessiongate.gateway._metrics import CHANNEL_DELIVERY_RETRIES
-
+from .._metrics import CHANNEL_DELIVERY_RETRIES
 from .base import Channel, DeliveryFailed, DeliveryRetry
 
 __all__ = ["MAX_RETRY_AFTER_S", "SEND_ATTEMPTS", "bot_token", "post_json", "seconds_or_default", "send_with_retries"]

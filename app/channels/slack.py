@@ -28,9 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from sessiongate import RetryableError, Unauthorized, is_valid_session_id
-from sessiongate._config import SlackSettings
-from sessiongate.gateway._body import json_object
 
+from .._body import json_object
+from ..settings import SlackSettings
 from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
 from .outbound import bot_token, post_json, seconds_or_default
 from .worker import channel_for

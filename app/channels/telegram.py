@@ -19,9 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from sessiongate import InvalidRequest, SessionBusy, Unauthorized, problem_response
-from sessiongate._config import TelegramSettings
-from sessiongate.gateway._body import json_object
 
+from .._body import json_object
+from ..settings import TelegramSettings
 from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
 from .outbound import bot_token, post_json, seconds_or_default
 from .worker import channel_for

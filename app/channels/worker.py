@@ -40,11 +40,12 @@ from typing import Any, TypeVar
 import httpx
 from starlette.requests import Request
 
-from sessiongate import Backend, LaneGrant, RetryableError, SessionBusy, Settings, TranscriptStore
-from sessiongate.gateway._logging import SESSION_ID
-from sessiongate.gateway._metrics import CHANNEL_DELIVERIES, CHANNEL_MESSAGES
-from sessiongate.gateway.turns import TurnRunner
+from sessiongate import Backend, LaneGrant, RetryableError, SessionBusy, TranscriptStore
 
+from .._logging import SESSION_ID
+from .._metrics import CHANNEL_DELIVERIES, CHANNEL_MESSAGES
+from ..settings import GatewaySettings
+from ..turns import TurnRunner
 from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
 from .durable import DeliveryCursors, Spool
 from .outbound import MAX_RETRY_AFTER_S, send_with_retries
@@ -72,7 +73,7 @@ class ChannelWorker:
         self,
         channels: Iterable[Channel],
         *,
-        settings: Settings,
+        settings: GatewaySettings,
         backend: Backend,
         store: TranscriptStore,
         turns: TurnRunner,
