@@ -25,13 +25,14 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import tenacity
+
+from .paths import current_turn_path, messages_path
 
 RETRYABLE_STATUSES = frozenset({409, 429, 503})
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -150,7 +151,7 @@ def retry_after_ms(response: httpx.Response, problem: dict[str, Any]) -> int | N
     if not header:
         return None
     try:
-        wait_s = (parsedate_to_datetime(header) - datetime.now(timezone.utc)).total_seconds()
+        wait_s = (parsedate_to_datetime(header) - datetime.now(UTC)).total_seconds()
     except (TypeError, ValueError):  # not a date, or one without a time zone
         return None
     return max(0, int(wait_s * 1000))
@@ -222,14 +223,6 @@ class _ClientBase:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = self._http_class(base_url=self.base_url, headers=headers, transport=transport, timeout=timeout_s)
 
-    @staticmethod
-    def _path(session_id: str) -> str:
-        return f"/v1/sessions/{quote(session_id, safe=':@')}/messages"
-
-    @staticmethod
-    def _turn_path(session_id: str) -> str:
-        return f"/v1/sessions/{quote(session_id, safe=':@')}/turns/current"
-
     def _streamed_post(self, *args: Any) -> httpx.Request:
         request = self._post(*args)
         request["headers"]["Accept"] = EVENT_STREAM
@@ -241,7 +234,7 @@ class _ClientBase:
         if sender is not None:
             body["sender"] = sender
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
-        return {"url": self._path(session_id), "json": body, "headers": headers}
+        return {"url": messages_path(session_id), "json": body, "headers": headers}
 
     def _retrying(self, retrying_class: type[tenacity.BaseRetrying]) -> Any:
         return retrying_class(**self.policy.tenacity_options(self.on_retry))
@@ -264,7 +257,7 @@ class SessionGateClient(_ClientBase):
 
     def messages(self, session_id: str) -> list[dict[str, Any]]:
         """The session's transcript, in order."""
-        return parse_response(self.http.get(self._path(session_id)))["messages"]
+        return parse_response(self.http.get(messages_path(session_id)))["messages"]
 
     def stream(
         self, session_id: str, text: str, sender: str | None = None, idempotency_key: str | None = None
@@ -279,11 +272,11 @@ class SessionGateClient(_ClientBase):
     def attach(self, session_id: str) -> Iterator[ServerEvent]:
         """The session's running turn from its first event (``ProblemError`` 404 when none runs)."""
         yield from self._events(self._open(self.http.build_request(
-            "GET", self._turn_path(session_id), headers={"Accept": EVENT_STREAM})))
+            "GET", current_turn_path(session_id), headers={"Accept": EVENT_STREAM})))
 
     def cancel(self, session_id: str) -> bool:
         """Cancel the session's running turn; ``False`` if none ran."""
-        response = self.http.delete(self._turn_path(session_id))
+        response = self.http.delete(current_turn_path(session_id))
         if response.status_code == 404:
             return False
         if response.status_code != 204:
@@ -335,7 +328,7 @@ class AsyncSessionGateClient(_ClientBase):
 
     async def messages(self, session_id: str) -> list[dict[str, Any]]:
         """The session's transcript, in order."""
-        return parse_response(await self.http.get(self._path(session_id)))["messages"]
+        return parse_response(await self.http.get(messages_path(session_id)))["messages"]
 
     async def stream(
         self, session_id: str, text: str, sender: str | None = None, idempotency_key: str | None = None
@@ -351,13 +344,13 @@ class AsyncSessionGateClient(_ClientBase):
     async def attach(self, session_id: str) -> AsyncIterator[ServerEvent]:
         """The session's running turn from its first event (``ProblemError`` 404 when none runs)."""
         response = await self._open(self.http.build_request(
-            "GET", self._turn_path(session_id), headers={"Accept": EVENT_STREAM}))
+            "GET", current_turn_path(session_id), headers={"Accept": EVENT_STREAM}))
         async for event in self._events(response):
             yield event
 
     async def cancel(self, session_id: str) -> bool:
         """Cancel the session's running turn; ``False`` if none ran."""
-        response = await self.http.delete(self._turn_path(session_id))
+        response = await self.http.delete(current_turn_path(session_id))
         if response.status_code == 404:
             return False
         if response.status_code != 204:

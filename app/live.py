@@ -32,25 +32,27 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sessiongate import Backend, LaneGrant, RunningTurn, SessionGateError, TurnCancelled
-from sessiongate._problem import problem_body, problem_status
+from sessiongate import (
+    Backend,
+    LaneGrant,
+    RunningTurn,
+    SessionGateError,
+    TurnCancelled,
+    problem_body,
+    problem_status,
+)
 
 from ._logging import REQUEST_ID
+from .paths import current_turn_path
 from .turns import Record, TurnResult, TurnRunner
 
 log = logging.getLogger("sessiongate.turns")
 
-CURRENT_TURN_ROUTE = "/v1/sessions/{sessionId}/turns/current"
 POLL_S = 0.05  # mirror flushes, cancel checks and remote watcher polls
 TURN_RECORD_TTL_MS = 3_000  # a dead owner's turn stops being named this long after its last refresh
 TURN_RECORD_REFRESH_S = 1.0
 FINISHED_EVENTS_TTL_MS = 10_000  # a remote watcher reads the end of a turn within this
 SHUTDOWN_WAIT_S = 5.0
-
-
-def current_turn_path(session_id: str) -> str:
-    """Where a session's running turn is watched (and cancelled): its busy answers' ``rel="monitor"`` link."""
-    return CURRENT_TURN_ROUTE.replace("{sessionId}", session_id)
 
 
 @dataclass(frozen=True)

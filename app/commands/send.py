@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from sessiongate.gateway.client import (
+from ..client import (
     DEFAULT_URL,
     GaveUp,
     ProblemError,

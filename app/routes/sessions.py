@@ -1,10 +1,11 @@
 """The messages API: ``POST`` runs one turn, ``GET`` reads the transcript; the running turn is watched and cancelled.
 
 By the time ``SessionMessages.post`` runs, the middleware stack has checked the
-token, the body (:mod:`sessiongate.gateway._body`), rate limits, the Idempotency-Key and the
-session's lane: the route hands the lane to a turn task
-(:mod:`sessiongate.gateway.live`) and follows it, as one JSON answer or, with
-``Accept: text/event-stream``, as server-sent events.
+token and SessionGate has parsed the body (:mod:`sessiongate.gateway._body`),
+checked rate limits and the Idempotency-Key and granted the session's lane:
+the route hands the lane to a turn task (:mod:`sessiongate.gateway.live`) and
+follows it, as one JSON answer or, with ``Accept: text/event-stream``, as
+server-sent events.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import SessionGateError, take_lane, validate_session_id
-from sessiongate._idempotency import idempotency_key
+from sessiongate import SessionGateError, admission_of, take_lane, validate_session_id
 
-from .._body import message_of
+from .._body import MessageIn
 from .._context import Gateway
-from ..live import CURRENT_TURN_ROUTE, LiveTurn, TurnEvent
+from .._logging import SESSION_ID
+from ..live import LiveTurn, TurnEvent
+from ..paths import CURRENT_TURN_ROUTE, MESSAGES_ROUTE
 from ..turns import Record, user_record
+
+__all__ = ["CurrentTurn", "SessionMessages", "gateway_of", "routes"]
 
 EVENT_STREAM = "text/event-stream"
 
@@ -48,7 +52,7 @@ def event_stream(events: AsyncIterator[TurnEvent]) -> StreamingResponse:
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-def reply_json(session_id: str, message_id: str, reply: dict) -> JSONResponse:
+def reply_json(session_id: str, message_id: str, reply: Record) -> JSONResponse:
     return JSONResponse({
         "sessionId": session_id,
         "messageId": message_id,
@@ -64,18 +68,18 @@ class SessionMessages(HTTPEndpoint):
     """``/v1/sessions/{sessionId}/messages`` (one endpoint, so a 405 lists both methods in ``Allow``)."""
 
     async def post(self, request: Request) -> Response:
-        session_id = request.path_params["sessionId"]
-        grant = take_lane(request.scope)  # the turn task releases it, after its last event
+        admission = admission_of(request.scope)
         collect = gateway_of(request).settings.lane.mode == "collect"
-        if grant is None and not collect:  # only if the app was assembled without SessionGate in front of this route
+        if admission is None or not isinstance(admission.body, MessageIn) or (admission.grant is None and not collect):
+            # only if the app was assembled without SessionGate (and its body hook) in front of this route
+            # (in collect mode the gate admits a message for a busy session without a lane)
             raise SessionGateError("no session lane was granted to this request")
-        message = message_of(request.scope)
+        message = admission.body
         user = user_record(
-            message.text,
-            sender=message.sender,
-            channel="api",
-            idempotency_key=idempotency_key(request.scope),  # as the gate read it: quotes and blanks stripped
+            message.text, sender=message.sender, channel="api", idempotency_key=admission.idempotency_key
         )
+        session_id = admission.session_id
+        grant = take_lane(request.scope)  # the turn task releases it, after its last event
         gateway = gateway_of(request)
         if not collect:
             return await answer(request, gateway.live.start(gateway.turns, grant, session_id, [user]), user)
@@ -89,7 +93,8 @@ class SessionMessages(HTTPEndpoint):
         return reply_json(session_id, user["id"], outcome)
 
     async def get(self, request: Request) -> JSONResponse:
-        session_id = request.path_params["sessionId"]
+        session_id = validate_session_id(request.path_params["sessionId"])
+        SESSION_ID.set(session_id)
         messages = await gateway_of(request).store.read_unlocked(session_id)
         return JSONResponse({"sessionId": session_id, "messages": messages})
 
@@ -118,6 +123,7 @@ class CurrentTurn(HTTPEndpoint):
 
     async def get(self, request: Request) -> Response:
         session_id = validate_session_id(request.path_params["sessionId"])
+        SESSION_ID.set(session_id)
         events = await gateway_of(request).live.watch(session_id)
         if events is None:
             raise NoTurnRunning(f"no turn runs for session {session_id!r}", session_id=session_id)
@@ -125,10 +131,11 @@ class CurrentTurn(HTTPEndpoint):
 
     async def delete(self, request: Request) -> Response:
         session_id = validate_session_id(request.path_params["sessionId"])
+        SESSION_ID.set(session_id)
         if not await gateway_of(request).live.cancel(session_id):
             raise NoTurnRunning(f"no turn runs for session {session_id!r}", session_id=session_id)
         return Response(status_code=204)
 
 
 def routes() -> list[BaseRoute]:
-    return [Route("/v1/sessions/{sessionId}/messages", SessionMessages), Route(CURRENT_TURN_ROUTE, CurrentTurn)]
+    return [Route(MESSAGES_ROUTE, SessionMessages), Route(CURRENT_TURN_ROUTE, CurrentTurn)]
