@@ -244,6 +244,7 @@ class SessionGateClient(_ClientBase):
     """Blocking client."""
 
     _http_class = httpx.Client
+    http: httpx.Client
 
     def send(
         self, session_id: str, text: str, sender: str | None = None, idempotency_key: str | None = None
@@ -315,6 +316,7 @@ class AsyncSessionGateClient(_ClientBase):
     """The ``asyncio`` twin of :class:`SessionGateClient`, name for name."""
 
     _http_class = httpx.AsyncClient
+    http: httpx.AsyncClient
 
     async def send(
         self, session_id: str, text: str, sender: str | None = None, idempotency_key: str | None = None

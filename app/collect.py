@@ -150,9 +150,9 @@ class _AnsweredWithError(SessionGateError):
 
     def __init__(self, problem: dict[str, Any]) -> None:
         super().__init__(problem.get("detail", "the turn failed"), session_id=problem.get("sessionId"))
-        self.problem_type = str(problem["type"]).rsplit("/", 1)[-1]
-        self.title = problem.get("title", "Error")
-        self.default_status = int(problem.get("status", 500))
+        self.problem_type = str(problem["type"]).rsplit("/", 1)[-1]  # type: ignore[misc]  # the turn's, per instance
+        self.title = problem.get("title", "Error")  # type: ignore[misc]
+        self.default_status = int(problem.get("status", 500))  # type: ignore[misc]
 
 
 def _inbox_key(session_id: str) -> str:

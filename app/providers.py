@@ -28,7 +28,7 @@ import os
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -273,7 +273,9 @@ class Failover:
         ALL_PROVIDERS_FAILED.inc()
         raise AllProvidersFailed(errors, session_id=session_id)
 
-    async def stream(self, messages: Sequence[ChatMessage], *, session_id: str | None = None) -> AsyncIterator[Delta]:
+    async def stream(
+        self, messages: Sequence[ChatMessage], *, session_id: str | None = None
+    ) -> AsyncGenerator[Delta, None]:
         """The first provider's reply as it comes; failover only before its first piece.
 
         Yields at least one :class:`Delta` (an empty reply is one empty piece,

@@ -81,7 +81,7 @@ class SessionMessages(HTTPEndpoint):
         session_id = admission.session_id
         grant = take_lane(request.scope)  # the turn task releases it, after its last event
         gateway = gateway_of(request)
-        if not collect:
+        if grant is not None and not collect:
             return await answer(request, gateway.live.start(gateway.turns, grant, session_id, [user]), user)
         if grant is not None:
             return await answer(request, await gateway.inbox.start_turn(grant, session_id, user), user)

@@ -24,7 +24,7 @@ round:
 from __future__ import annotations
 
 import asyncio
-import statistics
+import functools
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -153,8 +153,8 @@ def run(quick: bool = False) -> list[dict]:
         for backend in ("file://", "memory://"):
             config = {**base, "providers": [fast.provider()], "backend": {"url": backend}}
             with GatewayProcess(Path(tmp) / backend.rstrip(":/"), config) as gateway:
-                rows += asyncio.run(_with_client(
-                    lambda client: first_delta_rows(client, gateway.url, fast, rounds, backend)))
+                rows += asyncio.run(_with_client(functools.partial(
+                    first_delta_rows, gateway=gateway.url, upstream=fast, rounds=rounds, backend=backend)))
         cancel_config = {**base, "providers": [slow.provider()], "lane": {"maxWaitMs": 5_000}}
         with GatewayProcess(Path(tmp) / "cancel", cancel_config) as gateway:
             rows += asyncio.run(_with_client(lambda client: cancel_rows(client, gateway.url, rounds // 2)))
