@@ -94,17 +94,20 @@ async def stream_until_first_delta(client: httpx.AsyncClient, url: str, text: st
     return task
 
 
+def timed_message(client: httpx.AsyncClient, gateway: str, session: str, until: str) -> Awaitable[float]:
+    """A short streamed message to ``session``: seconds until its first ``until`` event."""
+    return timed_stream(client, "POST", messages_url(gateway, session), f"event: {until}",
+                        json={"text": "x"}, headers=STREAM)
+
+
 async def cancel_rows(client: httpx.AsyncClient, gateway: str, rounds: int) -> list[dict]:
     freed, idle = [], []
     for number in range(rounds):
         session = f"cancel-{number}"
-        idle.append(await timed_stream(client, "POST", messages_url(gateway, f"idle-{session}"), "event: turn",
-                                       json={"text": "x"}, headers=STREAM))
+        idle.append(await timed_message(client, gateway, f"idle-{session}", "turn"))
         running = await stream_until_first_delta(client, messages_url(gateway, session), TEXT)
         cancelled = client.delete(f"{gateway}/v1/sessions/{session}/turns/current")
-        waiting = timed_stream(client, "POST", messages_url(gateway, session), "event: turn",
-                               json={"text": "x"}, headers=STREAM)
-        answer, waited = await asyncio.gather(cancelled, waiting)  # both sent at once
+        answer, waited = await asyncio.gather(cancelled, timed_message(client, gateway, session, "turn"))  # at once
         freed.append(waited)
         assert answer.status_code == 204
         await running
@@ -119,11 +122,9 @@ async def interrupt_rows(client: httpx.AsyncClient, gateway: str, rounds: int) -
     interrupting, idle = [], []
     for number in range(rounds):
         session = f"interrupt-{number}"
-        idle.append(await timed_stream(client, "POST", messages_url(gateway, f"idle-{session}"), "event: delta",
-                                       json={"text": "x"}, headers=STREAM))
+        idle.append(await timed_message(client, gateway, f"idle-{session}", "delta"))
         running = await stream_until_first_delta(client, messages_url(gateway, session), TEXT)
-        interrupting.append(await timed_stream(client, "POST", messages_url(gateway, session), "event: delta",
-                                               json={"text": "x"}, headers=STREAM))
+        interrupting.append(await timed_message(client, gateway, session, "delta"))
         await running
     ratio = percentile(interrupting, 0.99) / percentile(idle, 0.99)
     return [_row("interrupt end to end p99 (new message's first delta, a turn running vs idle)",
