@@ -1,11 +1,11 @@
-"""Request bodies: a size limit for every request, and the message API's validation before the gate.
+"""Request bodies: a size limit for every request, and validation of the turn APIs' bodies before the gate.
 
-Both run in front of :class:`sessiongate.SessionGate`, in the contract's order
+They run in front of :class:`sessiongate.SessionGate`, in the contract's order
 (auth, body limit and validation, rate limits, Idempotency-Key, lane): a
-request that is too large or malformed is refused with 413 / 400
-problem+json before it can spend a rate-limit slot, an idempotency record or
-the session's lane. The validated message is left in the request's state
-for the route (:func:`message_of`).
+request that is too large or malformed is refused with 413 / 400 before it
+can spend a rate-limit slot, an idempotency record or the session's lane.
+The validated body is left in the request's state for the gate's session
+key and the route (:func:`message_of`, ``chat_request_of``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessiongate import InvalidRequest, PayloadTooLarge, SessionGateError, validate_session_id
+from sessiongate import InvalidRequest, PayloadTooLarge, SessionGateError, error_format_of, validate_session_id
 from sessiongate._gate import read_body, replaying
 from sessiongate._problem import send_problem
+
+from ._openai import CHAT_COMPLETIONS_PATH, CHAT_STATE_KEY, parse_chat_request
 
 MESSAGE_STATE_KEY = "sessiongate.message"
 # Matches any id, valid or not (even one with "/"), so a bad one reads as invalid-session-id, not 404.
@@ -77,10 +80,10 @@ class BodyLimit:
         try:
             declared = declared_length(scope)
         except InvalidRequest as error:
-            await send_problem(send, error)
+            await send_problem(send, error, error_format=error_format_of(scope))
             return
         if declared is not None and declared > self.max_bytes:
-            await send_problem(send, self.too_large())
+            await send_problem(send, self.too_large(), error_format=error_format_of(scope))
             return
         received = 0
 
@@ -139,6 +142,25 @@ def _string_field(data: dict[str, object], name: str, *, max_chars: int, require
     return value
 
 
+async def parse_into_state(
+    scope: Scope, receive: Receive, send: Send, parse: Callable[[bytes], object], state_key: str
+) -> Receive | None:
+    """Read the body, keep ``parse(body)`` at ``state_key`` and return a ``receive`` that replays the body.
+
+    ``None`` when the request was answered here (invalid: 400 in the route's
+    error format) or the client went away while sending.
+    """
+    try:
+        body = await read_body(receive)
+        if body is None:
+            return None  # the client went away: nobody to answer
+        scope.setdefault("state", {})[state_key] = parse(body)
+    except SessionGateError as error:
+        await send_problem(send, error, error_format=error_format_of(scope))
+        return None
+    return replaying(body, receive)
+
+
 class MessageValidation:
     """ASGI middleware for ``/v1/sessions/{id}/messages``: a valid session id, and for POST a valid body.
 
@@ -156,13 +178,37 @@ class MessageValidation:
             return
         try:
             validate_session_id(raw_id)
-            if scope["method"] == "POST":
-                body = await read_body(receive)
-                if body is None:
-                    return  # the client went away: nobody to answer
-                scope.setdefault("state", {})[MESSAGE_STATE_KEY] = parse_message(body)
-                receive = replaying(body, receive)
         except SessionGateError as error:
             await send_problem(send, error)
             return
+        if scope["method"] == "POST":
+            replay = await parse_into_state(scope, receive, send, parse_message, MESSAGE_STATE_KEY)
+            if replay is None:
+                return
+            receive = replay
         await self.app(scope, receive, send)
+
+
+class ChatValidation:
+    """ASGI middleware for ``POST /v1/chat/completions``: a valid body naming a valid session.
+
+    The :class:`~sessiongate.gateway._openai.ChatRequest` is stored in the
+    scope's state (the gate's session key reads its session) and the body is
+    replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != CHAT_COMPLETIONS_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+
+        def parse(body: bytes) -> object:
+            data = json_object(body, example=' like {"model": "echo", "messages": [...]}')
+            return parse_chat_request(scope, data, max_text_chars=MAX_TEXT_CHARS)
+
+        replay = await parse_into_state(scope, receive, send, parse, CHAT_STATE_KEY)
+        if replay is not None:
+            await self.app(scope, replay, send)

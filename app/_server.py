@@ -2,19 +2,24 @@
 
 Middleware, outer to inner (each refuses what it can before the next costs more):
 
-1. CORS: browsers may read ``Retry-After``, ``RateLimit*``, ``Idempotent-Replayed``.
+1. CORS: browsers may read the retry hints (``Retry-After``, ``retry-after-ms``,
+   ``x-should-retry``), ``RateLimit*``, ``Idempotent-Replayed``.
 2. :class:`~sessiongate.gateway._logging.RequestLog`: request id, one structured line per request.
-3. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
+3. :class:`~sessiongate.gateway._openai.OpenAIErrors`: errors of the OpenAI-compatible
+   routes are written in OpenAI's shape (same statuses and headers).
+4. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
    500 ``internal-error`` problem (inside CORS and the log, so error answers
    carry CORS headers and are logged with their status and request id).
-4. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
-5. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
-6. :class:`~sessiongate.gateway._body.MessageValidation`: session id and message body (400).
-7. :class:`sessiongate.SessionGate`: rate limits, Idempotency-Key, the session's
-   lane, for ``POST /v1/sessions/{id}/messages`` only.
+5. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*``
+   and the OpenAI-compatible routes (401).
+6. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
+7. :class:`~sessiongate.gateway._body.MessageValidation` and ``ChatValidation``:
+   session id and body of the two turn routes (400).
+8. :class:`sessiongate.SessionGate`: rate limits, Idempotency-Key, the session's
+   lane, for ``POST /v1/sessions/{id}/messages`` and ``POST /v1/chat/completions``.
 
-Routes raise typed errors; the exception handlers answer them as problem+json,
-404 and 405 included.
+Routes raise typed errors; the exception handlers answer them in the route's
+error format (problem+json unless OpenAI's), 404 and 405 included.
 """
 
 from __future__ import annotations
@@ -34,17 +39,18 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessiongate import SessionGate, SessionGateError, Settings, open_backend
+from sessiongate import SessionGate, SessionGateError, Settings, error_format_of, open_backend
 from sessiongate._gate import client_address
 from sessiongate._ids import is_valid_session_id
 from sessiongate._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
 
 from . import channels
 from ._auth import BearerAuth
-from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
+from ._body import MESSAGE_STATE_KEY, BodyLimit, ChatValidation, MessageValidation, messages_path_session_id
 from ._context import Gateway
 from ._logging import REQUEST_ID, RequestLog, configure_logging
-from .routes import health, metrics, openapi, sessions, webchat
+from ._openai import OpenAIErrors, chat_request_of
+from .routes import chat, health, metrics, openapi, sessions, webchat
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
 log = logging.getLogger("sessiongate.server")
@@ -91,12 +97,15 @@ class ErrorBoundary:
             if started:
                 log.warning("error after the response started, connection dropped: %s", exc)
                 return
-            await send_problem(send, error, problem_status(error, self.settings))
+            await send_problem(send, error, problem_status(error, self.settings), error_format_of(scope))
 
 
-def message_session_key(scope: Scope) -> str | None:
-    """SessionGate's key: the session of ``POST /v1/sessions/{id}/messages``, ``None`` for the rest."""
-    return messages_path_session_id(scope) if scope["method"] == "POST" else None
+def turn_session_key(scope: Scope) -> str | None:
+    """SessionGate's key: the session of a turn (a message or a chat completion), ``None`` for the rest."""
+    if scope["method"] != "POST":
+        return None
+    chat = chat_request_of(scope)  # parsed by ChatValidation for POST /v1/chat/completions
+    return chat.session_id if chat is not None else messages_path_session_id(scope)
 
 
 def message_sender_key(scope: Scope) -> str | None:
@@ -106,7 +115,8 @@ def message_sender_key(scope: Scope) -> str | None:
 
 
 def logged_session_id(scope: Scope) -> str | None:
-    session_id = messages_path_session_id(scope)
+    chat = chat_request_of(scope)
+    session_id = chat.session_id if chat is not None else messages_path_session_id(scope)
     return session_id if session_id is not None and is_valid_session_id(session_id) else None
 
 
@@ -115,11 +125,12 @@ def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHan
         assert isinstance(error, SessionGateError)
         if error.problem_type == SessionGateError.problem_type:  # a fault, not a typed answer: keep a trace
             log.error("internal error in %s %s: %s", request.method, request.url.path, error.detail)
-        return problem_response(error, problem_status(error, settings))
+        return problem_response(error, problem_status(error, settings), error_format_of(request.scope))
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
-        response = problem_response(HttpProblem(error.status_code, error.detail))
+        response = problem_response(HttpProblem(error.status_code, error.detail),
+                                    error_format=error_format_of(request.scope))
         response.headers.update(error.headers or {})
         return response
 
@@ -144,24 +155,26 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             metrics.forget_this_process()
 
     return Starlette(
-        routes=[*sessions.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
+        routes=[*sessions.routes(), *chat.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
                 *channels.routes()],
         middleware=[
             Middleware(
                 CORSMiddleware,
                 allow_origins=["*"],
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id", "X-Session-Id"],
                 expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
             ),
             Middleware(RequestLog, session_of=logged_session_id),
+            Middleware(OpenAIErrors),
             Middleware(ErrorBoundary, settings=settings),
             Middleware(BearerAuth, tokens=settings.auth.tokens),
             Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes),
             Middleware(MessageValidation),
+            Middleware(ChatValidation),
             Middleware(
                 SessionGate, settings=settings, backend=backend,
-                session_key=message_session_key, sender_key=message_sender_key,
+                session_key=turn_session_key, sender_key=message_sender_key,
             ),
         ],
         exception_handlers=exception_handlers(settings),

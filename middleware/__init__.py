@@ -26,12 +26,14 @@ from ._errors import (
 from ._gate import SessionGate, lane_of
 from ._ids import validate_session_id
 from ._lanes import LaneGrant
+from ._problem import ErrorFormat, error_format_of, use_error_format
 from ._store import TranscriptStore
 
 __all__ = [
     "Backend",
     "BackendUnavailable",
     "ConfigError",
+    "ErrorFormat",
     "FencedOut",
     "IdempotencyInFlight",
     "IdempotencyKeyReused",
@@ -49,7 +51,9 @@ __all__ = [
     "Settings",
     "TranscriptStore",
     "Unauthorized",
+    "error_format_of",
     "lane_of",
     "open_backend",
+    "use_error_format",
     "validate_session_id",
 ]
