@@ -1,0 +1,82 @@
+"""Generic HTTP retry libraries against a busy session, with the settings docs/clients.md gives.
+
+``requests`` with urllib3's ``Retry``: it honours ``Retry-After`` (whole
+seconds) but retries only the statuses it is told to, and POST only when
+``allowed_methods`` says so. Proves the two settings in the client table work
+(``status_forcelist`` with 409; or ``contention.status: 429``, which urllib3
+retries by default), and that its usual settings return the 409.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from tests.fakes import serve_gateway
+from tests.fakes.openai_server import FakeOpenAI
+from tests.support import UvicornThread, messages_url, transcript, wait_until
+
+TURN_S = 0.8
+
+
+@pytest.fixture
+def model() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI("model", delay_s=TURN_S) as fake:
+        yield fake
+
+
+def busy_gateway(tmp_path: Path, model: FakeOpenAI, **config: object) -> UvicornThread:
+    return serve_gateway(tmp_path / "data", {"providers": [model.provider()], **config})
+
+
+def post_while_busy(url: str, model: FakeOpenAI, retry: Retry) -> requests.Response:
+    """Start one turn, and once the model runs it, POST a second message through ``retry``."""
+    first = threading.Thread(target=requests.post, args=(url,), kwargs={"json": {"text": "first"}, "timeout": 10})
+    first.start()
+    wait_until(lambda: model.calls == 1, timeout=10, what="the first turn to reach the model")
+    with requests.Session() as session:
+        session.mount("http://", HTTPAdapter(max_retries=retry))
+        response = session.post(url, json={"text": "second"}, headers={"Idempotency-Key": "urllib3-second"},
+                                timeout=10)
+    first.join(timeout=10)
+    return response
+
+
+def retried_statuses(response: requests.Response) -> list[int | None]:
+    return [attempt.status for attempt in response.raw.retries.history]
+
+
+def test_urllib3_retry_with_409_in_status_forcelist_waits_and_is_served(tmp_path: Path, model: FakeOpenAI) -> None:
+    retry = Retry(total=10, status_forcelist={409, 429, 503}, allowed_methods=None, backoff_factor=0.1)
+    with busy_gateway(tmp_path, model) as server:
+        url = messages_url(server.url, "urllib3-409")
+        response = post_while_busy(url, model, retry)
+        stored = [m["text"] for m in transcript(server.url, "urllib3-409") if m["role"] == "user"]
+    assert response.status_code == 200, response.text
+    assert 409 in retried_statuses(response)
+    assert stored == ["first", "second"]
+
+
+def test_urllib3_retries_contention_status_429_by_default_for_post_when_allowed(
+    tmp_path: Path, model: FakeOpenAI
+) -> None:
+    retry = Retry(total=10, allowed_methods=None)  # 429 with Retry-After is in Retry.RETRY_AFTER_STATUS_CODES
+    with busy_gateway(tmp_path, model, contention={"status": 429}) as server:
+        url = messages_url(server.url, "urllib3-429")
+        response = post_while_busy(url, model, retry)
+        stored = [m["text"] for m in transcript(server.url, "urllib3-429") if m["role"] == "user"]
+    assert response.status_code == 200, response.text
+    assert 429 in retried_statuses(response)
+    assert stored == ["first", "second"]
+
+
+def test_urllib3_usual_settings_do_not_retry_a_409(tmp_path: Path, model: FakeOpenAI) -> None:
+    with busy_gateway(tmp_path, model) as server:
+        response = post_while_busy(messages_url(server.url, "urllib3-usual"), model, Retry(total=10))
+    assert response.status_code == 409  # why docs/clients.md names status_forcelist or contention.status: 429
