@@ -6,7 +6,8 @@ seconds) but retries only the statuses it is told to, and POST only when
 (``status_forcelist`` with 409; or ``contention.status: 429``, which urllib3
 retries by default), and that its usual settings return the 409.
 
-stamina with a backoff hook that returns ``retry-after-ms``, and the
+stamina with a backoff hook that returns ``retry-after-ms``, httpx with
+tenacity and a wait that reads it, and the
 Anthropic SDK (the same retry rules as the OpenAI SDK's: ``retry-after-ms``
 first, ``x-should-retry``) on the messages API, wait the millisecond estimate.
 """
@@ -23,6 +24,7 @@ import httpx
 import pytest
 import requests
 import stamina
+import tenacity
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -138,4 +140,32 @@ def test_the_anthropic_sdk_retries_a_busy_session_after_retry_after_ms(
              if record.getMessage().startswith("Retrying request")]  # "Retrying request to %s in %f seconds"
     assert answer["reply"]["text"] == "model: second"  # type: ignore[index]
     assert waits and all(wait < 1.0 for wait in waits), waits
+    assert stored == ["first", "second"]
+
+
+def test_httpx_with_tenacity_waiting_retry_after_ms_is_served(tmp_path: Path, model: FakeOpenAI) -> None:
+    def retryable(error: BaseException) -> bool:
+        return isinstance(error, httpx.HTTPStatusError) and error.response.headers.get("x-should-retry") == "true"
+
+    def server_estimate(state: tenacity.RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        assert isinstance(error, httpx.HTTPStatusError)
+        return int(error.response.headers["retry-after-ms"]) / 1000
+
+    waited: list[float] = []
+    retrying = tenacity.Retrying(retry=tenacity.retry_if_exception(retryable), wait=server_estimate,
+                                 stop=tenacity.stop_after_attempt(10) | tenacity.stop_after_delay(30),
+                                 before_sleep=lambda state: waited.append(state.upcoming_sleep), reraise=True)
+    with busy_gateway(tmp_path, model) as server:
+        url = messages_url(server.url, "tenacity")
+        first = start_first_turn(url, model)
+        for attempt in retrying:
+            with attempt:
+                response = httpx.post(url, json={"text": "second"}, headers={"Idempotency-Key": "tenacity-second"},
+                                      timeout=10)
+                response.raise_for_status()
+        first.join(timeout=10)
+        stored = [m["text"] for m in transcript(server.url, "tenacity") if m["role"] == "user"]
+    assert response.json()["reply"]["text"] == "model: second"
+    assert waited and all(0 < wait < 1.0 for wait in waited)
     assert stored == ["first", "second"]
