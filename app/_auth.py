@@ -16,8 +16,7 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sessiongate import Unauthorized, error_format_of
-from sessiongate._problem import problem_response
+from sessiongate import Unauthorized, error_format_of, problem_response
 
 from ._openai import OPENAI_PATHS
 

@@ -26,19 +26,34 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sessiongate import ErrorFormat, InvalidRequest, SessionGateError, use_error_format, validate_session_id
 
+from .paths import CHAT_COMPLETIONS, MODELS
 from .turns import Record
 
-CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
-MODELS_PATH = "/v1/models"
-OPENAI_PATHS = frozenset({CHAT_COMPLETIONS_PATH, MODELS_PATH})
+__all__ = [
+    "OPENAI_ERRORS",
+    "OPENAI_PATHS",
+    "ChatRequest",
+    "OpenAIErrors",
+    "chat_completion",
+    "chat_session_id",
+    "completion_chunks",
+    "completion_id",
+    "created_at",
+    "model_list",
+    "one_piece",
+    "openai_error_json",
+    "openai_usage",
+    "parse_chat_request",
+]
+
+OPENAI_PATHS = frozenset({CHAT_COMPLETIONS, MODELS})
 SESSION_HEADER = b"x-session-id"
-CHAT_STATE_KEY = "sessiongate.chat"
 # OpenAI's error "type" for a status; anything else is an invalid request.
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 409: "conflict_error", 429: "rate_limit_error"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     """A validated ``POST /v1/chat/completions`` body: what the gateway uses of it."""
 
@@ -104,12 +119,6 @@ def last_user_text(messages: object, *, max_text_chars: int) -> str:
     except UnicodeEncodeError:
         raise InvalidRequest("the last user message is not valid Unicode (lone surrogate)") from None
     return content
-
-
-def chat_request_of(scope: Scope) -> ChatRequest | None:
-    """The chat request :class:`~sessiongate.gateway._body.ChatValidation` parsed for this request."""
-    state = scope.get("state")
-    return state.get(CHAT_STATE_KEY) if state else None
 
 
 # ---------------------------------------------------------------- answers

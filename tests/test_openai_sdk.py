@@ -23,8 +23,8 @@ import httpx
 import openai
 import pytest
 
-from sessiongate.gateway._openai import completion_chunks, one_piece
 from sessiongate import SessionBusy
+from sessiongate.gateway._openai import completion_chunks, one_piece
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import NO_RATE_LIMITS, GatewayProcess
 

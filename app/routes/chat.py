@@ -1,10 +1,10 @@
 """The OpenAI-compatible routes: ``POST /v1/chat/completions`` runs one turn, ``GET /v1/models`` lists providers.
 
 A chat completion is the messages API's turn in another wire format: the
-middleware stack has checked the token, the body
-(:class:`~sessiongate.gateway._body.ChatValidation`), rate limits, the
-Idempotency-Key and the session's lane exactly as for
-``POST /v1/sessions/{id}/messages``, and the turn runs through the same
+middleware stack has checked the token, and SessionGate has parsed the body
+(:func:`~sessiongate.gateway._body.gated_body_parser`), checked rate limits
+and the Idempotency-Key and granted the session's lane exactly as for
+``POST /v1/sessions/{id}/messages``; the turn runs through the same
 :class:`~sessiongate.gateway.turns.TurnRunner`.
 """
 
@@ -14,14 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import SessionGateError, lane_of
-from sessiongate._idempotency import idempotency_key
+from sessiongate import SessionGateError, admission_of
 
 from .._openai import (
-    CHAT_COMPLETIONS_PATH,
-    MODELS_PATH,
+    ChatRequest,
     chat_completion,
-    chat_request_of,
     completion_chunks,
     completion_id,
     created_at,
@@ -29,19 +26,25 @@ from .._openai import (
     one_piece,
     openai_usage,
 )
+from ..paths import CHAT_COMPLETIONS, MODELS
 from ..turns import user_record
 from .sessions import gateway_of
+
+__all__ = ["chat_completions", "models", "routes"]
 
 CHAT_CHANNEL = "openai"  # the transcript's ``channel`` of messages that came in through this route
 
 
 async def chat_completions(request: Request) -> Response:
-    grant = lane_of(request.scope)
-    chat = chat_request_of(request.scope)
-    if grant is None or chat is None:  # only if the app was assembled without the validation and the gate
+    admission = admission_of(request.scope)
+    if admission is None or not isinstance(admission.body, ChatRequest):
+        # only if the app was assembled without SessionGate (and its body hook) in front of this route
         raise SessionGateError("no session lane was granted to this request")
-    user = user_record(chat.text, channel=CHAT_CHANNEL, idempotency_key=idempotency_key(request.scope))
-    result = await gateway_of(request).turns.run_turn(grant, chat.session_id, user, first_provider=chat.model)
+    chat = admission.body
+    user = user_record(chat.text, channel=CHAT_CHANNEL, idempotency_key=admission.idempotency_key)
+    result = await gateway_of(request).turns.run_turn(
+        admission.grant, admission.session_id, user, first_provider=chat.model
+    )
     if not chat.stream:
         return JSONResponse(chat_completion(result.reply))
     reply = result.reply
@@ -58,5 +61,4 @@ async def models(request: Request) -> JSONResponse:
 
 
 def routes() -> list[BaseRoute]:
-    return [Route(CHAT_COMPLETIONS_PATH, chat_completions, methods=["POST"]),
-            Route(MODELS_PATH, models, methods=["GET"])]
+    return [Route(CHAT_COMPLETIONS, chat_completions, methods=["POST"]), Route(MODELS, models, methods=["GET"])]

@@ -15,12 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate._idempotency import MAX_KEY_LENGTH
-from sessiongate._ids import _SESSION_ID
-from sessiongate._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from sessiongate import MAX_IDEMPOTENCY_KEY_LENGTH, PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, SESSION_ID_PATTERN
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
-from .._openai import CHAT_COMPLETIONS_PATH, MODELS_PATH
+from ..paths import CHAT_COMPLETIONS, MESSAGES, MODELS
 
 PROBLEM_TYPES = {
     "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status)",
@@ -103,30 +101,33 @@ _SESSION_API_ERRORS = {
 }
 
 
-def _turn_errors(**error_format: str) -> dict[str, Any]:
+def _turn_errors(media_type: str = PROBLEM_CONTENT_TYPE, schema: str = "Problem") -> dict[str, Any]:
     """The error answers of a route that runs a turn (checks in the contract's order, then the turn)."""
+    def error(description: str, *, retryable: bool = False, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _problem(description, retryable=retryable, headers=headers, media_type=media_type, schema=schema)
+
     return {
-        "400": _problem("invalid-request / invalid-session-id", **error_format),
-        "401": _problem("unauthorized (only when auth.tokens is set)", **error_format),
-        "405": _problem("method-not-allowed", **error_format),
-        "409": _problem("session-busy / idempotency-in-flight", retryable=True, **error_format),
-        "413": _problem("payload-too-large", **error_format),
-        "422": _problem("idempotency-key-reused", **error_format),
-        "429": _problem("rate-limited / queue-full (or session-busy with contention.status=429)",
-                        headers=_RATELIMIT_HEADERS, **error_format),
-        "500": _problem("internal-error", **error_format),
-        "502": _problem("all-providers-failed", **error_format),
-        "503": _problem("backend-unavailable", retryable=True, **error_format),
+        "400": error("invalid-request / invalid-session-id"),
+        "401": error("unauthorized (only when auth.tokens is set)"),
+        "405": error("method-not-allowed"),
+        "409": error("session-busy / idempotency-in-flight", retryable=True),
+        "413": error("payload-too-large"),
+        "422": error("idempotency-key-reused"),
+        "429": error("rate-limited / queue-full (or session-busy with contention.status=429)",
+                     headers=_RATELIMIT_HEADERS),
+        "500": error("internal-error"),
+        "502": error("all-providers-failed"),
+        "503": error("backend-unavailable", retryable=True),
     }
 
 
-_OPENAI_ERRORS = {"media_type": "application/json", "schema": "OpenAIError"}
+_OPENAI_ERROR_MEDIA = ("application/json", "OpenAIError")
 _IDEMPOTENCY_KEY_PARAM = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
     "description": "repeat-safe retries: a repeat gets the stored answer",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
 }
 _CHAT_COMPLETIONS = {
     "post": {
@@ -149,7 +150,7 @@ _CHAT_COMPLETIONS = {
             "200": {"description": "a chat.completion, or with stream=true chat.completion.chunk events and [DONE]",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
-            **_turn_errors(**_OPENAI_ERRORS),
+            **_turn_errors(*_OPENAI_ERROR_MEDIA),
         },
     }
 }
@@ -157,7 +158,7 @@ _MODELS = {"get": {
     "summary": "The configured providers, as OpenAI models (in failover order)",
     "operationId": "listModels",
     "responses": {"200": _json("ModelList", "the providers"),
-                  "401": _problem("unauthorized (only when auth.tokens is set)", **_OPENAI_ERRORS)},
+                  "401": _turn_errors(*_OPENAI_ERROR_MEDIA)["401"]},
 }}
 
 
@@ -200,7 +201,7 @@ def openapi_document() -> dict[str, Any]:
             ),
         },
         "paths": {
-            "/v1/sessions/{sessionId}/messages": {
+            MESSAGES: {
                 "parameters": [_SESSION_ID_PARAM],
                 "post": {
                     "summary": "Send a message and get the reply (one turn)",
@@ -222,8 +223,8 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json("Transcript", "every message, in order"), **_SESSION_API_ERRORS},
                 },
             },
-            CHAT_COMPLETIONS_PATH: _CHAT_COMPLETIONS,
-            MODELS_PATH: _MODELS,
+            CHAT_COMPLETIONS: _CHAT_COMPLETIONS,
+            MODELS: _MODELS,
             "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),
             "/v1/webhooks/slack": _webhook("Slack Events API request (signature and timestamp checked)"),
             "/healthz": _public_get("Liveness: the process serves", "healthz", {"200": _json("Status", "up")}),
@@ -260,7 +261,7 @@ def _schemas() -> dict[str, Any]:
         },
     }
     return {
-        "SessionId": {"type": "string", "pattern": f"^{_SESSION_ID.pattern}$", "not": {"enum": [".", ".."]}},
+        "SessionId": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$", "not": {"enum": [".", ".."]}},
         "MessageIn": {
             "type": "object",
             "required": ["text"],
