@@ -64,31 +64,31 @@ def post_while_busy(url: str, model: FakeOpenAI, retry: Retry) -> requests.Respo
     return response
 
 
+def user_texts(base: str, session_id: str) -> list[str]:
+    return [m["text"] for m in transcript(base, session_id) if m["role"] == "user"]
+
+
 def retried_statuses(response: requests.Response) -> list[int | None]:
     return [attempt.status for attempt in response.raw.retries.history]
 
 
-def test_urllib3_retry_with_409_in_status_forcelist_waits_and_is_served(tmp_path: Path, model: FakeOpenAI) -> None:
-    retry = Retry(total=10, status_forcelist={409, 429, 503}, allowed_methods=None, backoff_factor=0.1)
-    with busy_gateway(tmp_path, model) as server:
-        url = messages_url(server.url, "urllib3-409")
-        response = post_while_busy(url, model, retry)
-        stored = [m["text"] for m in transcript(server.url, "urllib3-409") if m["role"] == "user"]
-    assert response.status_code == 200, response.text
-    assert 409 in retried_statuses(response)
-    assert stored == ["first", "second"]
+URLLIB3_SETTINGS = {  # id -> (Retry, gateway config, the busy status it retries)
+    "status_forcelist with 409": (
+        Retry(total=10, status_forcelist={409, 429, 503}, allowed_methods=None, backoff_factor=0.1), {}, 409),
+    "contention.status 429, urllib3 defaults but POST allowed": (  # 429 + Retry-After: RETRY_AFTER_STATUS_CODES
+        Retry(total=10, allowed_methods=None), {"contention": {"status": 429}}, 429),
+}
 
 
-def test_urllib3_retries_contention_status_429_by_default_for_post_when_allowed(
-    tmp_path: Path, model: FakeOpenAI
+@pytest.mark.parametrize(("retry", "config", "busy_status"), URLLIB3_SETTINGS.values(), ids=URLLIB3_SETTINGS)
+def test_urllib3_retry_with_the_documented_settings_waits_and_is_served(
+    tmp_path: Path, model: FakeOpenAI, retry: Retry, config: dict, busy_status: int
 ) -> None:
-    retry = Retry(total=10, allowed_methods=None)  # 429 with Retry-After is in Retry.RETRY_AFTER_STATUS_CODES
-    with busy_gateway(tmp_path, model, contention={"status": 429}) as server:
-        url = messages_url(server.url, "urllib3-429")
-        response = post_while_busy(url, model, retry)
-        stored = [m["text"] for m in transcript(server.url, "urllib3-429") if m["role"] == "user"]
+    with busy_gateway(tmp_path, model, **config) as server:
+        response = post_while_busy(messages_url(server.url, "urllib3"), model, retry)
+        stored = user_texts(server.url, "urllib3")
     assert response.status_code == 200, response.text
-    assert 429 in retried_statuses(response)
+    assert busy_status in retried_statuses(response)
     assert stored == ["first", "second"]
 
 
@@ -119,7 +119,7 @@ def test_stamina_with_a_retry_after_ms_backoff_hook_waits_the_estimate(tmp_path:
         first = start_first_turn(url, model)
         answer = send(url)
         first.join(timeout=10)
-        stored = [m["text"] for m in transcript(server.url, "stamina") if m["role"] == "user"]
+        stored = user_texts(server.url, "stamina")
     assert answer["reply"]["text"] == "model: second"
     assert waits and all(0 < wait < 1.0 for wait in waits)  # the ms estimate, not whole seconds
     assert stored == ["first", "second"]
@@ -135,7 +135,7 @@ def test_the_anthropic_sdk_retries_a_busy_session_after_retry_after_ms(
                 caplog.at_level(logging.INFO, logger="anthropic"):
             answer = client.post("/v1/sessions/anthropic/messages", body={"text": "second"}, cast_to=object)
         first.join(timeout=10)
-        stored = [m["text"] for m in transcript(server.url, "anthropic") if m["role"] == "user"]
+        stored = user_texts(server.url, "anthropic")
     waits = [float(record.args[-1]) for record in caplog.records  # type: ignore[index]
              if record.getMessage().startswith("Retrying request")]  # "Retrying request to %s in %f seconds"
     assert answer["reply"]["text"] == "model: second"  # type: ignore[index]
@@ -165,7 +165,7 @@ def test_httpx_with_tenacity_waiting_retry_after_ms_is_served(tmp_path: Path, mo
                                       timeout=10)
                 response.raise_for_status()
         first.join(timeout=10)
-        stored = [m["text"] for m in transcript(server.url, "tenacity") if m["role"] == "user"]
+        stored = user_texts(server.url, "tenacity")
     assert response.json()["reply"]["text"] == "model: second"
     assert waited and all(0 < wait < 1.0 for wait in waited)
     assert stored == ["first", "second"]
