@@ -149,19 +149,31 @@ class LiveTurns:
         self._tasks: set[asyncio.Task[None]] = set()
         self.owner = f"{os.uname().nodename}:{os.getpid()}"
 
-    def start(self, runner: TurnRunner, grant: LaneGrant, session_id: str, users: Sequence[Record]) -> LiveTurn:
-        """Run a turn of ``users`` under ``grant`` in a task of its own; the task releases ``grant``."""
+    def start(
+        self,
+        runner: TurnRunner,
+        grant: LaneGrant,
+        session_id: str,
+        users: Sequence[Record],
+        *,
+        first_provider: str | None = None,
+    ) -> LiveTurn:
+        """Run a turn of ``users`` under ``grant`` in a task of its own; the task releases ``grant``.
+
+        ``first_provider`` (a provider id) is tried before the configured order.
+        """
         turn = LiveTurn(session_id, users)
         self._local[session_id] = turn
-        task = asyncio.get_running_loop().create_task(self._run(runner, grant, turn))
+        task = asyncio.get_running_loop().create_task(self._run(runner, grant, turn, first_provider))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return turn
 
-    async def _run(self, runner: TurnRunner, grant: LaneGrant, turn: LiveTurn) -> None:
+    async def _run(self, runner: TurnRunner, grant: LaneGrant, turn: LiveTurn, first_provider: str | None) -> None:
         mirror = asyncio.get_running_loop().create_task(self._mirror(turn)) if self.shared else None
         try:
-            result = await runner.stream_turn(grant, turn.session_id, turn.users, turn.delta, turn.cancelled)
+            result = await runner.stream_turn(grant, turn.session_id, turn.users, turn.delta, turn.cancelled,
+                                              first_provider=first_provider)
         except SessionGateError as error:
             turn.fail(error, problem_status(error, self._settings))
         except Exception:

@@ -8,12 +8,16 @@ from urllib.parse import quote
 from starlette.convertors import Convertor, register_url_convertor
 
 __all__ = [
-    "CURRENT_TURN", "CURRENT_TURN_ROUTE", "MESSAGES", "MESSAGES_ROUTE", "current_turn_path", "messages_path",
-    "messages_session_id",
+    "CHAT_COMPLETIONS", "CURRENT_TURN", "CURRENT_TURN_ROUTE", "MESSAGES", "MESSAGES_ROUTE", "MODELS",
+    "current_turn_path", "messages_path", "messages_session_id",
 ]
 
 #: ``POST`` runs a turn, ``GET`` pages through the transcript.
 MESSAGES = "/v1/sessions/{sessionId}/messages"
+#: OpenAI Chat Completions: ``POST`` runs a turn of the session named by ``X-Session-Id`` or ``user``.
+CHAT_COMPLETIONS = "/v1/chat/completions"
+#: OpenAI's model list: the configured providers.
+MODELS = "/v1/models"
 
 _PREFIX, _SUFFIX = MESSAGES.split("{sessionId}")
 # Matches any id, valid or not (even one with "/"), so a bad one reads as invalid-session-id, not 404.

@@ -26,7 +26,7 @@ from typing import Any
 
 from sessiongate import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore, new_record_id, utc_now
 
-from .providers import ChatMessage, Failover
+from .providers import ChatMessage, Failover, Usage
 
 Record = dict[str, Any]
 LOST_LANE_RETRY_AFTER_MS = 1_000
@@ -76,6 +76,13 @@ def answered_earlier(transcript: Sequence[Record], user: Record) -> tuple[Record
 def answers(reply: Record, user: Record) -> bool:
     """Whether ``reply`` answers ``user`` (a ``collect`` turn's one reply answers several: ``answers``)."""
     return reply.get("replyTo") == user["id"] or user["id"] in reply.get("answers", ())
+
+def usage_record(usage: Usage | None) -> Record | None:
+    """The token usage a reply record keeps (camelCase, as every transcript field), if the provider gave it."""
+    if usage is None:
+        return None
+    return {"promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
+            "totalTokens": usage.total_tokens}
 
 def chat_messages(records: Sequence[Record]) -> list[ChatMessage]:
     """Transcript records as the model sees them (oldest first)."""
@@ -129,8 +136,11 @@ class TurnRunner:
         *,
         already_stored: bool = False,
         transcript: Sequence[Record] | None = None,
+        first_provider: str | None = None,
     ) -> TurnResult:
         """Read → model call (no lock) → append with ``grant.fence``; the caller holds ``grant`` throughout.
+
+        ``first_provider`` (a provider id) is tried before the configured order.
 
         Raises ``AllProvidersFailed`` (502) when every provider failed, and
         ``SessionBusy`` (``FencedOut``, ``LockTimeout`` or a lost lane) when
@@ -144,10 +154,13 @@ class TurnRunner:
             return TurnResult(user=stored[0], reply=stored[1])
         history = history_up_to(transcript, user) if already_stored else [*transcript, user]
         ensure_lane_held(grant)
-        completion = await self.providers.complete(chat_messages(history), session_id=session_id)
+        completion = await self.providers.complete(
+            chat_messages(history), session_id=session_id, first=first_provider
+        )
         ensure_lane_held(grant)
         reply = new_record(
-            "assistant", completion.text, provider=completion.provider, replyTo=user["id"], channel=user.get("channel")
+            "assistant", completion.text, provider=completion.provider, replyTo=user["id"], channel=user.get("channel"),
+            usage=usage_record(completion.usage),
         )
         await self.store.append(session_id, [reply] if already_stored else [user, reply], fence=grant.fence)
         return TurnResult(user=user, reply=reply)
@@ -159,6 +172,8 @@ class TurnRunner:
         users: Sequence[Record],
         on_delta: Callable[[str], None],
         cancelled: asyncio.Event,
+        *,
+        first_provider: str | None = None,
     ) -> TurnResult:
         """:meth:`run_turn` for API messages, streamed: ``on_delta(piece)`` as the model produces the reply.
 
@@ -180,7 +195,9 @@ class TurnRunner:
 
         async def call_model() -> None:
             nonlocal provider
-            stream = self.providers.stream(chat_messages([*transcript, *users]), session_id=session_id)
+            stream = self.providers.stream(
+                chat_messages([*transcript, *users]), session_id=session_id, first=first_provider
+            )
             async with contextlib.aclosing(stream):
                 async for delta in stream:
                     provider = delta.provider

@@ -50,10 +50,13 @@ from ._problem import (
     EXPOSED_HEADERS,
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
+    ErrorFormat,
+    error_format_of,
     problem_body,
     problem_response,
     problem_status,
     send_problem,
+    use_error_format,
 )
 from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
 from ._store import TranscriptStore, new_record_id, utc_now
@@ -76,6 +79,7 @@ __all__ = [
     "BackendUnavailable",
     "BodyParser",
     "ConfigError",
+    "ErrorFormat",
     "FencedOut",
     "Holder",
     "HolderState",
@@ -107,6 +111,7 @@ __all__ = [
     "client_address",
     "file_stem",
     "idempotency_key",
+    "error_format_of",
     "is_valid_session_id",
     "lane_of",
     "new_record_id",
@@ -120,6 +125,7 @@ __all__ = [
     "send_problem",
     "session_id_from_stem",
     "take_lane",
+    "use_error_format",
     "utc_now",
     "validate_session_id",
 ]

@@ -4,7 +4,8 @@ Tests tell it how to behave (answer, answer after a delay, fail with a
 status, hang, send garbage, break off a stream after its first piece) and read
 what it saw: the number of calls, the request bodies, and how many streams the
 client closed before their end (``aborted``). It replies ``"<name>: <last user
-message>"`` so a test can tell which provider answered; with ``"stream": true``
+message>"`` so a test can tell which provider answered, with ``usage``: one
+prompt token per message sent, two completion tokens; with ``"stream": true``
 it sends that reply word by word as ``chat.completion.chunk`` server-sent
 events, ``piece_delay_s`` apart.
 """
@@ -88,6 +89,7 @@ class FakeOpenAI:
             "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": f"{self.name}: {last_user}"}}],
+            "usage": {"prompt_tokens": len(body["messages"]), "completion_tokens": 2, "total_tokens": len(body["messages"]) + 2},
         })
 
     async def _chunks(self, reply: str) -> AsyncIterator[bytes]:
