@@ -29,6 +29,8 @@ from sessiongate import Backend, LaneGrant, QueueFull, SessionBusy, SessionGateE
 from .live import POLL_S, LiveTurn, LiveTurns
 from .turns import Record, TurnRunner
 
+__all__ = ["Inbox"]
+
 ANSWER_TTL_MS = 600_000
 
 

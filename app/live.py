@@ -46,6 +46,8 @@ from ._logging import REQUEST_ID
 from .paths import current_turn_path
 from .turns import Record, TurnResult, TurnRunner
 
+__all__ = ["LiveTurn", "LiveTurns", "TurnEvent"]
+
 log = logging.getLogger("sessiongate.turns")
 
 POLL_S = 0.05  # mirror flushes, cancel checks and remote watcher polls
