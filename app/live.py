@@ -4,7 +4,9 @@ A turn of the messages API runs in a task the gateway owns, not in its
 request: the request hands its lane over (``sessiongate.take_lane``) and only
 *follows* the turn's events. So a client that goes away stops reading, not
 the turn: the reply is still stored, and the lane is released by the turn
-task itself after its last event. Every turn's events (``turn``, ``delta``…,
+task itself once the turn has stored what it keeps, right before its last
+event (so whoever reads that event may send the next message at once, as the
+gate releases before a response's last bytes). Every turn's events (``turn``, ``delta``…,
 then ``done`` or ``error``) are kept in one in-memory buffer shared by every
 follower, so a watcher that comes late replays them from the first.
 
@@ -23,17 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sessiongate import (
     Backend,
+    BackendUnavailable,
     LaneGrant,
     RunningTurn,
     SessionGateError,
@@ -172,29 +176,40 @@ class LiveTurns:
         return turn
 
     async def _run(self, runner: TurnRunner, grant: LaneGrant, turn: LiveTurn, first_provider: str | None) -> None:
+        """Run the turn; give the lane back *before* its last event, so the reader of that event may send the
+        next message at once (as the gate does before a response's last bytes)."""
         mirror = asyncio.get_running_loop().create_task(self._mirror(turn)) if self.shared else None
+        try:
+            end = await self._outcome(runner, grant, turn, first_provider)
+            if mirror is not None:
+                mirror.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await mirror
+                if turn.mirrored:  # no longer named as running: a successor's record is never deleted
+                    await _logging_outage(self._records.delete(_turn_key(turn.session_id)), "unname the turn")
+        finally:
+            if self._local.get(turn.session_id) is turn:
+                del self._local[turn.session_id]
+            await grant.release()
+        end()
+        if turn.mirrored:  # the end, for watchers in other processes
+            await _logging_outage(self._put_events(turn, finished=True, ttl_ms=FINISHED_EVENTS_TTL_MS),
+                                  "mirror the end of the turn")
+
+    async def _outcome(
+        self, runner: TurnRunner, grant: LaneGrant, turn: LiveTurn, first_provider: str | None
+    ) -> Callable[[], None]:
+        """Run the turn (it appends what it keeps); return how to publish its end."""
         try:
             result = await runner.stream_turn(grant, turn.session_id, turn.users, turn.delta, turn.cancelled,
                                               first_provider=first_provider)
         except SessionGateError as error:
-            turn.fail(error, problem_status(error, self._settings))
+            return functools.partial(turn.fail, error, problem_status(error, self._settings))
         except Exception:
             log.exception("turn %s of session %r failed", turn.turn_id, turn.session_id)
-            turn.fail(SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}"))
-        else:
-            turn.finish(result)
-        finally:
-            try:
-                if mirror is not None:
-                    mirror.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await mirror
-                    if turn.mirrored:
-                        await self._unpublish(turn)
-            finally:
-                if self._local.get(turn.session_id) is turn:
-                    del self._local[turn.session_id]
-                await grant.release()
+            error = SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}")
+            return functools.partial(turn.fail, error)
+        return functools.partial(turn.finish, result)
 
     def current(self, session_id: str) -> LiveTurn | None:
         """The turn this process runs for ``session_id``, if any."""
@@ -258,24 +273,22 @@ class LiveTurns:
         while True:
             await asyncio.sleep(POLL_S)
             turn.mirrored = True
-            if time.monotonic() - named_at >= TURN_RECORD_REFRESH_S:
-                await self._records.put(_turn_key(turn.session_id), {"turnId": turn.turn_id, "owner": self.owner},
-                                        ttl_ms=TURN_RECORD_TTL_MS)
-                named_at = time.monotonic()
-            if len(turn.events) != mirrored:
-                mirrored = len(turn.events)
-                await self._put_events(turn, finished=False, ttl_ms=TURN_RECORD_TTL_MS + FINISHED_EVENTS_TTL_MS)
-            if await self._records.get(_cancel_key(turn.turn_id)) is not None:
-                turn.cancel()
+            try:
+                if time.monotonic() - named_at >= TURN_RECORD_REFRESH_S:
+                    await self._records.put(_turn_key(turn.session_id), {"turnId": turn.turn_id, "owner": self.owner},
+                                            ttl_ms=TURN_RECORD_TTL_MS)
+                    named_at = time.monotonic()
+                if len(turn.events) != mirrored:
+                    await self._put_events(turn, finished=False, ttl_ms=TURN_RECORD_TTL_MS + FINISHED_EVENTS_TTL_MS)
+                    mirrored = len(turn.events)
+                if await self._records.get(_cancel_key(turn.turn_id)) is not None:
+                    turn.cancel()
+            except BackendUnavailable:  # the turn goes on; other processes see it again when the backend is back
+                log.warning("turn %s: the backend is unreachable; not mirrored for other processes", turn.turn_id)
 
     async def _put_events(self, turn: LiveTurn, *, finished: bool, ttl_ms: int) -> None:
         events = [[event.name, event.data] for event in turn.events]
         await self._records.put(_events_key(turn.turn_id), {"events": events, "finished": finished}, ttl_ms=ttl_ms)
-
-    async def _unpublish(self, turn: LiveTurn) -> None:
-        """The turn's end for remote watchers; it is no longer named as running."""
-        await self._put_events(turn, finished=True, ttl_ms=FINISHED_EVENTS_TTL_MS)
-        await self._records.delete(_turn_key(turn.session_id))
 
     async def aclose(self) -> None:
         """Shutdown: cancel every running turn (each stores what it has) and wait for them, bounded."""
@@ -283,6 +296,14 @@ class LiveTurns:
             turn.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_WAIT_S)
+
+
+async def _logging_outage(step: Awaitable[None], what: str) -> None:
+    """A clean-up step of a finished turn: an unreachable backend is logged (records expire), never raised."""
+    try:
+        await step
+    except BackendUnavailable:
+        log.warning("could not %s: the backend is unreachable (its record expires)", what)
 
 
 def _turn_key(session_id: str) -> str:

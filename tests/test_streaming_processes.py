@@ -84,3 +84,36 @@ async def test_two_instances_on_redis_watch_and_cancel_each_others_turns(tmp_pat
         config = config_for(fake, redis_url)
         with GatewayProcess(tmp_path / "data", config) as first, GatewayProcess(tmp_path / "data", config) as second:
             await cancel_from_the_other_instance(first, second, fake)
+
+
+@pytest.mark.redis
+async def test_interrupt_and_collect_across_two_instances_on_redis(tmp_path: Path, redis_url: str) -> None:
+    with slow_fake(piece_delay_s=0.3) as fake:
+        base = config_for(fake, redis_url)
+        interrupting = {**base, "lane": {"mode": "interrupt"}}
+        with GatewayProcess(tmp_path / "i", interrupting) as first, GatewayProcess(tmp_path / "i", interrupting) as second:
+            async with httpx.AsyncClient(timeout=20) as client:
+                async with streamed(client, "POST", messages_url(first.url, "ri"), json={"text": LONG_TEXT}) as reader:
+                    await reader.until("delta", 2)
+                    newer = await client.post(messages_url(second.url, "ri"), json={"text": "newer"})
+                    events = await reader.rest()
+        assert events[-1].data["type"] == PROBLEM_TYPE_BASE + "turn-cancelled"
+        assert newer.status_code == 200, newer.text
+        assert [m["content"] for m in fake.requests[-1]["messages"]][::2] == [LONG_TEXT, "newer"]
+
+        calls_before = fake.calls
+        collecting = {**base, "lane": {"mode": "collect", "debounceMs": 300}}
+        with GatewayProcess(tmp_path / "c", collecting) as first, GatewayProcess(tmp_path / "c", collecting) as second:
+            async with httpx.AsyncClient(timeout=30) as client:
+                running = asyncio.create_task(client.post(messages_url(first.url, "rc"), json={"text": LONG_TEXT}))
+                await wait_for(lambda: fake.calls == calls_before + 1)
+                waiting = []
+                for url, text in ((second.url, "b one"), (first.url, "a two"), (second.url, "b three")):
+                    waiting.append(asyncio.create_task(client.post(messages_url(url, "rc"), json={"text": text})))
+                    await asyncio.sleep(0.1)
+                answers = [await task for task in [running, *waiting]]
+            stored = transcript(first.url, "rc")
+    assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+    assert fake.calls == calls_before + 2  # the running turn, then one turn for the three waiting messages
+    assert len({answer.json()["reply"]["id"] for answer in answers[1:]}) == 1
+    assert [m["text"] for m in stored[2:5]] == ["b one", "a two", "b three"]

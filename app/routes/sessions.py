@@ -79,7 +79,7 @@ class SessionMessages(HTTPEndpoint):
             message.text, sender=message.sender, channel="api", idempotency_key=admission.idempotency_key
         )
         session_id = admission.session_id
-        grant = take_lane(request.scope)  # the turn task releases it, after its last event
+        grant = take_lane(request.scope)  # the turn task releases it when the turn ends
         gateway = gateway_of(request)
         if grant is not None and not collect:
             return await answer(request, gateway.live.start(gateway.turns, grant, session_id, [user]), user)
