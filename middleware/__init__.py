@@ -26,7 +26,7 @@ from ._errors import (
 from ._gate import SessionGate, lane_of
 from ._ids import validate_session_id
 from ._lanes import LaneGrant
-from ._store import TranscriptStore
+from ._store import LockedTranscript, Page, TranscriptStore
 
 __all__ = [
     "Backend",
@@ -39,6 +39,8 @@ __all__ = [
     "InvalidSessionId",
     "LaneGrant",
     "LockTimeout",
+    "LockedTranscript",
+    "Page",
     "PayloadTooLarge",
     "QueueFull",
     "RateLimited",

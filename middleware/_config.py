@@ -154,6 +154,14 @@ class TranscriptSettings(_Section):
     fsync: Literal["always", "never"] = "always"
 
 
+class HistorySettings(_Section):
+    """What a turn sends to the model: the newest records only, so a long chat never outgrows its context."""
+
+    max_messages: int = Field(
+        50, ge=1, le=100_000, description="most transcript records (the newest) a turn sends to the model"
+    )
+
+
 class IdempotencySettings(_Section):
     ttl_ms: int = Field(86_400_000, ge=1_000, le=30 * 86_400_000)
 
@@ -175,6 +183,7 @@ class Settings(_Section):
     server: ServerSettings = ServerSettings()
     transcript: TranscriptSettings = TranscriptSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+    history: HistorySettings = HistorySettings()  # gateway-only: moves to GatewaySettings
 
     @field_validator("providers")
     @classmethod

@@ -20,6 +20,7 @@ from sessiongate._ids import _SESSION_ID
 from sessiongate._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
+from .sessions import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT
 
 PROBLEM_TYPES = {
     "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status)",
@@ -160,9 +161,31 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "get": {
-                    "summary": "Read the transcript (lock-free snapshot)",
+                    "summary": "Read the transcript a page at a time, newest page first (lock-free)",
                     "operationId": "getMessages",
-                    "responses": {"200": _json("Transcript", "every message, in order"), **_SESSION_API_ERRORS},
+                    "parameters": [
+                        {
+                            "name": "limit", "in": "query", "required": False,
+                            "description": "most messages in the page",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_LIMIT,
+                                       "default": DEFAULT_PAGE_LIMIT},
+                        },
+                        {
+                            "name": "before", "in": "query", "required": False,
+                            "description": "a messageId: the page holds the messages just before it",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            **_json("Transcript", "the newest `limit` messages (before `before`), in transcript order"),
+                            "headers": {"Link": {
+                                "description": 'rel="next": the page of older messages, while there are any',
+                                "schema": {"type": "string"},
+                            }},
+                        },
+                        **_SESSION_API_ERRORS,
+                    },
                 },
             },
             "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),
