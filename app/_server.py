@@ -44,6 +44,7 @@ from ._auth import BearerAuth
 from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
 from ._context import Gateway
 from ._logging import REQUEST_ID, RequestLog, configure_logging
+from ._loop_lag import sampling_loop_lag
 from .routes import health, metrics, openapi, sessions, webchat
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
@@ -136,7 +137,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         app.state.gateway = gateway
         try:
             await channels.start(gateway)
-            yield
+            async with sampling_loop_lag():
+                yield
         finally:
             await channels.stop(gateway)
             await gateway.aclose()

@@ -13,14 +13,14 @@ own locking) with
 - ``records(seq, offset)``: record number (1-based, non-blank lines) → byte offset;
 - ``keys(field, value, seq)``: the first record whose ``field`` is ``value``,
   for the fields in :data:`INDEXED_FIELDS`;
-- ``state``: how many bytes of the transcript are indexed, and an *anchor*
-  (offset and CRC-32 of the last indexed line).
+- ``state``: how many bytes of the transcript are indexed, its mtime then, and
+  an *anchor* (offset and CRC-32 of the last indexed line).
 
 :meth:`TranscriptIndex.sync` brings it up to date before every use: new
 complete lines are indexed (another process appended, or this one crashed
 between its append and the index update); a transcript shorter than the
-indexed size or whose anchor line changed (truncated by a repair, replaced,
-restored) is indexed again from scratch, as is a missing or unreadable index.
+indexed size, rewritten at the same size (its mtime moved) or whose anchor
+line changed (truncated by a repair, replaced, restored) is indexed again from scratch, as is a missing or unreadable index.
 Reads check what they get (a record's key field, line boundaries, the number
 of lines), so an index that is wrong in any other way raises
 :class:`IndexMismatch` and is rebuilt too. Only complete lines are ever
@@ -59,14 +59,14 @@ _BUSY_TIMEOUT_S = 30.0  # another process holds the index's write transaction (e
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS state (
     id INTEGER PRIMARY KEY CHECK (id = 0),
-    version INTEGER NOT NULL, size INTEGER NOT NULL, count INTEGER NOT NULL,
+    version INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, count INTEGER NOT NULL,
     anchor_offset INTEGER NOT NULL, anchor_crc INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, offset INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     field TEXT NOT NULL, value TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (field, value)
 ) WITHOUT ROWID;
-INSERT OR IGNORE INTO state VALUES (0, {_SCHEMA_VERSION}, 0, 0, -1, 0);
+INSERT OR IGNORE INTO state VALUES (0, {_SCHEMA_VERSION}, 0, 0, 0, -1, 0);
 """
 
 
@@ -89,6 +89,7 @@ class Window:
 @dataclass(frozen=True)
 class _State:
     size: int
+    mtime_ns: int
     count: int
     anchor_offset: int
     anchor_crc: int
@@ -136,22 +137,24 @@ class TranscriptIndex:
 
     def _sync(self, db: sqlite3.Connection, fd: int) -> _State:
         state = _read_state(db)
-        size = os.fstat(fd).st_size
-        if state.size == size and _anchor_holds(fd, state):
+        stat = os.fstat(fd)
+        if (state.size, state.mtime_ns) == (stat.st_size, stat.st_mtime_ns) and _anchor_holds(fd, state):
             return state  # the common case: one query and one small pread
         db.execute("BEGIN IMMEDIATE")  # one catcher-up at a time, across processes
         try:
             state = _read_state(db)
-            if state.size > size or not _anchor_holds(fd, state):
+            stat = os.fstat(fd)
+            rewritten = state.size == stat.st_size and state.mtime_ns != stat.st_mtime_ns
+            if state.size > stat.st_size or rewritten or not _anchor_holds(fd, state):
                 if state.size:
                     logger.warning("transcript %s changed under its index; indexing it again", self.transcript)
                 db.execute("DELETE FROM records")
                 db.execute("DELETE FROM keys")
-                state = _State(0, 0, -1, 0)
-            state = _index_lines(db, fd, state, size)
+                state = _State(0, 0, 0, -1, 0)
+            state = _index_lines(db, fd, state, stat.st_size, stat.st_mtime_ns)
             db.execute(
-                "UPDATE state SET size=?, count=?, anchor_offset=?, anchor_crc=? WHERE id=0",
-                (state.size, state.count, state.anchor_offset, state.anchor_crc),
+                "UPDATE state SET size=?, mtime_ns=?, count=?, anchor_offset=?, anchor_crc=? WHERE id=0",
+                (state.size, state.mtime_ns, state.count, state.anchor_offset, state.anchor_crc),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -213,12 +216,12 @@ class Synced:
 
 
 def _read_state(db: sqlite3.Connection) -> _State:
-    version, size, count, anchor_offset, anchor_crc = db.execute(
-        "SELECT version, size, count, anchor_offset, anchor_crc FROM state WHERE id=0"
+    version, *values = db.execute(
+        "SELECT version, size, mtime_ns, count, anchor_offset, anchor_crc FROM state WHERE id=0"
     ).fetchone()
     if version != _SCHEMA_VERSION:
         raise IndexMismatch(f"index version {version}, expected {_SCHEMA_VERSION}")
-    return _State(size, count, anchor_offset, anchor_crc)
+    return _State(*values)
 
 
 def _anchor_holds(fd: int, state: _State) -> bool:
@@ -229,7 +232,7 @@ def _anchor_holds(fd: int, state: _State) -> bool:
     return zlib.crc32(line) == state.anchor_crc
 
 
-def _index_lines(db: sqlite3.Connection, fd: int, state: _State, size: int) -> _State:
+def _index_lines(db: sqlite3.Connection, fd: int, state: _State, size: int, mtime_ns: int) -> _State:
     """Index the complete lines between ``state.size`` and ``size``, a bounded chunk at a time."""
     position, count, anchor_offset, anchor_crc = state.size, state.count, state.anchor_offset, state.anchor_crc
     while position < size:
@@ -255,7 +258,7 @@ def _index_lines(db: sqlite3.Connection, fd: int, state: _State, size: int) -> _
         db.executemany("INSERT INTO records VALUES (?, ?)", offsets)
         db.executemany("INSERT OR IGNORE INTO keys VALUES (?, ?, ?)", keys)
         position += complete
-    return _State(position, count, anchor_offset, anchor_crc)
+    return _State(position, mtime_ns, count, anchor_offset, anchor_crc)
 
 
 def _keys_of(line: bytes) -> list[tuple[str, str]]:

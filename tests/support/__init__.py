@@ -76,11 +76,17 @@ def metric_delta(before: Samples, after: Samples, name: str, **labels: str) -> f
     return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
 
-def transcript(base: str, session_id: str) -> list[dict[str, Any]]:
-    """The session's messages through the real API (an unknown session reads as ``[]`` with a 200)."""
-    response = httpx.get(messages_url(base, session_id), timeout=5)
-    assert response.status_code == 200, response.text
-    return response.json()["messages"]
+def transcript(base: str, session_id: str, *, limit: int = 1_000) -> list[dict[str, Any]]:
+    """Every message of the session through the real API, in order, walking its pages (unknown session: ``[]``)."""
+    pages: list[list[dict[str, Any]]] = []
+    url: str | None = f"{messages_url(base, session_id)}?limit={limit}"
+    while url is not None:
+        response = httpx.get(url, timeout=10)
+        assert response.status_code == 200, response.text
+        pages.append(response.json()["messages"])
+        url = f"{base}{response.links['next']['url']}" if "next" in response.links else None
+        assert len(pages) <= 10_000, "the Link rel=next chain does not end"
+    return [message for page in reversed(pages) for message in page]
 
 
 async def wait_for(predicate, timeout: float = 10.0, *, what: str = "condition") -> None:
