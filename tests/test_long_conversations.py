@@ -11,7 +11,6 @@ as long, which they catch.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import statistics
 import time
@@ -22,38 +21,23 @@ import httpx
 import pytest
 
 from sessiongate import TranscriptStore, open_backend
-from sessiongate._ids import file_stem
 from sessiongate._transcript_index import index_path
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, scrape_metrics, transcript
+from tests.support import (
+    NO_RATE_LIMITS,
+    GatewayProcess,
+    assert_problem,
+    messages_url,
+    scrape_metrics,
+    transcript,
+    write_transcript,
+)
 from tests.workers import settings_for
 
 pytestmark = pytest.mark.anyio
 
 BIG = 100_000
 QUIET = {"rateLimits": NO_RATE_LIMITS, "transcript": {"fsync": "never"}}
-
-
-def write_transcript(data_dir: Path, session_id: str, count: int, *, key_at: int | None = None) -> list[str]:
-    """``count`` records (user, assistant, ...) written directly as JSONL; the record ids in order.
-
-    Record ``key_at`` (a user record) carries ``idempotencyKey = "key-<key_at>"``, and its reply follows it.
-    """
-    sessions = data_dir / "sessions"
-    sessions.mkdir(parents=True, exist_ok=True)
-    ids = [f"r{number:07d}" for number in range(count)]
-    lines = []
-    for number, record_id in enumerate(ids):
-        record: dict[str, Any] = {"id": record_id, "at": "2026-01-01T00:00:00.000Z", "fence": 1}
-        if number % 2 == 0:
-            record.update(role="user", text=f"question {number}", channel="api")
-            if number == key_at:
-                record["idempotencyKey"] = f"key-{number}"
-        else:
-            record.update(role="assistant", text=f"answer {number}", provider="echo", replyTo=ids[number - 1])
-        lines.append(json.dumps(record, separators=(",", ":")))
-    (sessions / f"{file_stem(session_id)}.jsonl").write_text("\n".join(lines) + "\n" if lines else "")
-    return ids
 
 
 async def timed_turn(client: httpx.AsyncClient, base: str, session_id: str, text: str) -> float:

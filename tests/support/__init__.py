@@ -22,6 +22,7 @@ import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from sessiongate._ids import file_stem
 from sessiongate._problem import PROBLEM_TYPE_BASE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +88,28 @@ def transcript(base: str, session_id: str, *, limit: int = 1_000) -> list[dict[s
         url = f"{base}{response.links['next']['url']}" if "next" in response.links else None
         assert len(pages) <= 10_000, "the Link rel=next chain does not end"
     return [message for page in reversed(pages) for message in page]
+
+
+def write_transcript(data_dir: Path, session_id: str, count: int, *, key_at: int | None = None) -> list[str]:
+    """``count`` records (user, assistant, ...) written directly as JSONL; the record ids in order.
+
+    Record ``key_at`` (a user record) carries ``idempotencyKey = "key-<key_at>"``, and its reply follows it.
+    """
+    sessions = data_dir / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    ids = [f"r{number:07d}" for number in range(count)]
+    lines = []
+    for number, record_id in enumerate(ids):
+        record: dict[str, Any] = {"id": record_id, "at": "2026-01-01T00:00:00.000Z", "fence": 1}
+        if number % 2 == 0:
+            record.update(role="user", text=f"question {number}", channel="api")
+            if number == key_at:
+                record["idempotencyKey"] = f"key-{number}"
+        else:
+            record.update(role="assistant", text=f"answer {number}", provider="echo", replyTo=ids[number - 1])
+        lines.append(json.dumps(record, separators=(",", ":")))
+    (sessions / f"{file_stem(session_id)}.jsonl").write_text("\n".join(lines) + "\n" if lines else "")
+    return ids
 
 
 async def wait_for(predicate, timeout: float = 10.0, *, what: str = "condition") -> None:
