@@ -36,8 +36,10 @@ import logging
 import os
 import sqlite3
 import zlib
-from collections.abc import Callable
-from contextlib import closing
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,7 +108,7 @@ class TranscriptIndex:
         """``query`` on the index brought up to the complete lines of ``fd``; rebuilt once if it cannot be used."""
         for attempt in range(2):
             try:
-                with closing(self._connect()) as db:
+                with _CONNECTIONS.connection(self.path) as db:
                     return query(Synced(db, fd, self._sync(db, fd)))
             except (sqlite3.DatabaseError, IndexMismatch) as exc:
                 if attempt or isinstance(exc, sqlite3.OperationalError):  # e.g. busy: not the index's fault
@@ -121,19 +123,6 @@ class TranscriptIndex:
                 os.unlink(f"{self.path}{suffix}")
             except FileNotFoundError:
                 pass
-
-    def _connect(self) -> sqlite3.Connection:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)  # created private (0600) before SQLite opens it
-        db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=OFF")  # a cache: a lost or torn update is detected and rebuilt
-            db.executescript(_SCHEMA)
-        except BaseException:
-            db.close()
-            raise
-        return db
 
     def _sync(self, db: sqlite3.Connection, fd: int) -> _State:
         state = _read_state(db)
@@ -161,6 +150,85 @@ class TranscriptIndex:
             db.execute("ROLLBACK")
             raise
         return state
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.close(fd)  # created private (0600) before SQLite opens it
+    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")  # a cache: a lost or torn update is detected and rebuilt
+        db.executescript(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@dataclass
+class _Open:
+    db: sqlite3.Connection
+    inode: int
+
+    def still_at(self, path: Path) -> bool:
+        try:
+            return os.stat(path).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+
+class _Connections:
+    """Open index connections kept for reuse (opening one costs about a millisecond), one user at a time.
+
+    A connection is taken out of the pool while in use, so two threads never
+    share one (a second user of the same index opens its own); it is reused
+    only while its file is still the one at the path (an index deleted and
+    rebuilt is a new file); the least recently used close beyond :data:`_POOL_SIZE`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[Path, _Open] = OrderedDict()
+
+    @contextmanager
+    def connection(self, path: Path) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            taken = self._idle.pop(path, None)
+        if taken is not None and not taken.still_at(path):
+            taken.db.close()
+            taken = None
+        if taken is None:
+            db = _connect(path)
+            taken = _Open(db, os.stat(path).st_ino)
+        try:
+            yield taken.db
+        except BaseException:
+            taken.db.close()
+            raise
+        self._give_back(path, taken)
+
+    def _give_back(self, path: Path, taken: _Open) -> None:
+        surplus = []
+        with self._lock:
+            if path in self._idle:
+                surplus.append(taken)
+            else:
+                self._idle[path] = taken
+            while len(self._idle) > _POOL_SIZE:
+                surplus.append(self._idle.popitem(last=False)[1])
+        for extra in surplus:
+            extra.db.close()
+
+    def forget(self) -> None:
+        """In a forked child: the parent's connections are not this process's to use."""
+        self._lock = threading.Lock()
+        self._idle = OrderedDict()
+
+
+_POOL_SIZE = 128
+_CONNECTIONS = _Connections()
+os.register_at_fork(after_in_child=_CONNECTIONS.forget)
 
 
 class Synced:

@@ -177,9 +177,11 @@ async def test_the_index_rebuilt_after_deletion_or_corruption_gives_the_same_ans
         index.unlink()
         assert await _answers(store, ids) == expected
 
-        index.write_bytes(b"this is not a database" * 100)
+        garbage = index.with_name("garbage")
+        garbage.write_bytes(b"this is not a database" * 100)
         for suffix in ("-wal", "-shm"):
             Path(f"{index}{suffix}").unlink(missing_ok=True)
+        garbage.replace(index)  # e.g. a bad restore
         assert await _answers(store, ids) == expected
 
         with sqlite3.connect(index) as db:  # a readable index that lies: offsets and keys point elsewhere

@@ -91,24 +91,26 @@ def transcript(base: str, session_id: str, *, limit: int = 1_000) -> list[dict[s
 
 
 def write_transcript(data_dir: Path, session_id: str, count: int, *, key_at: int | None = None) -> list[str]:
-    """``count`` records (user, assistant, ...) written directly as JSONL; the record ids in order.
+    """``count`` records (user, assistant, ...) written directly as JSONL, as a long chat leaves them; their ids.
 
     Record ``key_at`` (a user record) carries ``idempotencyKey = "key-<key_at>"``, and its reply follows it.
     """
     sessions = data_dir / "sessions"
     sessions.mkdir(parents=True, exist_ok=True)
     ids = [f"r{number:07d}" for number in range(count)]
-    lines = []
-    for number, record_id in enumerate(ids):
-        record: dict[str, Any] = {"id": record_id, "at": "2026-01-01T00:00:00.000Z", "fence": 1}
-        if number % 2 == 0:
-            record.update(role="user", text=f"question {number}", channel="api")
-            if number == key_at:
-                record["idempotencyKey"] = f"key-{number}"
-        else:
-            record.update(role="assistant", text=f"answer {number}", provider="echo", replyTo=ids[number - 1])
-        lines.append(json.dumps(record, separators=(",", ":")))
-    (sessions / f"{file_stem(session_id)}.jsonl").write_text("\n".join(lines) + "\n" if lines else "")
+    with (sessions / f"{file_stem(session_id)}.jsonl").open("w", encoding="utf-8") as file:
+        for first in range(0, count, 10_000):
+            lines = []
+            for number in range(first, min(count, first + 10_000)):
+                record: dict[str, Any] = {"id": ids[number], "at": "2026-01-01T00:00:00.000Z", "fence": 1}
+                if number % 2 == 0:
+                    record.update(role="user", text=f"question {number}", channel="api")
+                    if number == key_at:
+                        record["idempotencyKey"] = f"key-{number}"
+                else:
+                    record.update(role="assistant", text=f"answer {number}", provider="echo", replyTo=ids[number - 1])
+                lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+            file.writelines(lines)
     return ids
 
 
