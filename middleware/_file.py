@@ -48,6 +48,7 @@ from ._config import Settings
 from ._errors import BackendUnavailable, SessionGateError
 from ._ids import file_stem
 from ._storage import (
+    THIS_HOST,
     Holder,
     HolderState,
     LeaseKind,
@@ -55,7 +56,6 @@ from ._storage import (
     RecordStorage,
     StoredLease,
     Ticket,
-    THIS_HOST,
     _this_process_started_at,
 )
 from ._waiting import Backoff

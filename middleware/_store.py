@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,8 @@ from ._ids import file_stem, session_id_from_stem
 from ._metrics import FENCING_REFUSALS
 from ._transcript_index import Synced, TranscriptIndex, parse_lines
 from ._write_lock import WriteLockHold
+
+__all__ = ["FILE_THREADS", "LockedTranscript", "Page", "TranscriptStore", "new_record_id", "utc_now"]
 
 logger = logging.getLogger("sessiongate.store")
 
@@ -196,7 +198,7 @@ def new_record_id() -> str:
 
 def utc_now() -> str:
     """RFC 3339 UTC timestamp with milliseconds, e.g. ``2026-01-31T12:00:00.123Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _completed(record: dict[str, Any], fence: int | None) -> dict[str, Any]:

@@ -15,11 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate._idempotency import MAX_KEY_LENGTH
-from sessiongate._ids import _SESSION_ID
-from sessiongate._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from sessiongate import MAX_IDEMPOTENCY_KEY_LENGTH, PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, SESSION_ID_PATTERN
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
+from ..paths import MESSAGES
 from .sessions import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT
 
 PROBLEM_TYPES = {
@@ -133,7 +132,7 @@ def openapi_document() -> dict[str, Any]:
             ),
         },
         "paths": {
-            "/v1/sessions/{sessionId}/messages": {
+            MESSAGES: {
                 "parameters": [_SESSION_ID_PARAM],
                 "post": {
                     "summary": "Send a message and get the reply (one turn)",
@@ -143,7 +142,7 @@ def openapi_document() -> dict[str, Any]:
                         "in": "header",
                         "required": False,
                         "description": "repeat-safe retries: a repeat gets the stored answer",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
                     }],
                     "requestBody": {
                         "required": True,
@@ -224,7 +223,7 @@ def _schemas() -> dict[str, Any]:
         },
     }
     return {
-        "SessionId": {"type": "string", "pattern": f"^{_SESSION_ID.pattern}$", "not": {"enum": [".", ".."]}},
+        "SessionId": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$", "not": {"enum": [".", ".."]}},
         "MessageIn": {
             "type": "object",
             "required": ["text"],

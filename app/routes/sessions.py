@@ -1,24 +1,29 @@
 """The messages API: ``POST`` runs one turn, ``GET`` reads the transcript a page at a time.
 
 By the time ``SessionMessages.post`` runs, the middleware stack has checked the
-token, the body (:mod:`sessiongate.gateway._body`), rate limits, the Idempotency-Key and the
-session's lane: the route only runs the turn under the lane it was given.
+token and SessionGate has parsed the body (:mod:`sessiongate.gateway._body`),
+checked rate limits and the Idempotency-Key and granted the session's lane:
+the route only runs the turn under the lane it was given, with what the gate read.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlencode
 
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import InvalidRequest, SessionGateError
-from sessiongate._gate import lane_of
-from sessiongate._idempotency import idempotency_key
+from sessiongate import InvalidRequest, SessionGateError, admission_of, validate_session_id
 
-from .._body import message_of
+from .._body import MessageIn
 from .._context import Gateway
+from .._logging import SESSION_ID
+from ..paths import MESSAGES_ROUTE, messages_path
 from ..turns import user_record
+
+__all__ = ["DEFAULT_PAGE_LIMIT", "MAX_PAGE_LIMIT", "SessionMessages", "gateway_of", "page_limit", "routes"]
 
 
 DEFAULT_PAGE_LIMIT = 100
@@ -33,27 +38,25 @@ class SessionMessages(HTTPEndpoint):
     """``/v1/sessions/{sessionId}/messages`` (one endpoint, so a 405 lists both methods in ``Allow``)."""
 
     async def post(self, request: Request) -> JSONResponse:
-        session_id = request.path_params["sessionId"]
-        grant = lane_of(request.scope)
-        if grant is None:  # only if the app was assembled without SessionGate in front of this route
+        admission = admission_of(request.scope)
+        if admission is None or not isinstance(admission.body, MessageIn):
+            # only if the app was assembled without SessionGate (and its body hook) in front of this route
             raise SessionGateError("no session lane was granted to this request")
-        message = message_of(request.scope)
+        message = admission.body
         user = user_record(
-            message.text,
-            sender=message.sender,
-            channel="api",
-            idempotency_key=idempotency_key(request.scope),  # as the gate read it: quotes and blanks stripped
+            message.text, sender=message.sender, channel="api", idempotency_key=admission.idempotency_key
         )
-        result = await gateway_of(request).turns.run_turn(grant, session_id, user)
+        result = await gateway_of(request).turns.run_turn(admission.grant, admission.session_id, user)
         return JSONResponse({
-            "sessionId": session_id,
+            "sessionId": admission.session_id,
             "messageId": result.user["id"],
             "reply": {"id": result.reply["id"], "text": result.reply["text"], "provider": result.provider},
         })
 
     async def get(self, request: Request) -> JSONResponse:
         """One page, newest first: ``?limit=`` records before ``?before=<messageId>``, in transcript order."""
-        session_id = request.path_params["sessionId"]
+        session_id = validate_session_id(request.path_params["sessionId"])
+        SESSION_ID.set(session_id)
         limit = page_limit(request.query_params.get("limit"))
         before = request.query_params.get("before") or None
         page = await gateway_of(request).store.page(session_id, limit=limit, before=before)
@@ -61,8 +64,8 @@ class SessionMessages(HTTPEndpoint):
             raise InvalidRequest(f"before={before!r} is not a message of session {session_id!r}")
         headers = {}
         if page.more:
-            older = request.url.include_query_params(limit=limit, before=page.records[0]["id"])
-            headers["Link"] = f'<{older.path}?{older.query}>; rel="next"'
+            older = urlencode({"limit": limit, "before": page.records[0]["id"]})
+            headers["Link"] = f'<{messages_path(session_id)}?{older}>; rel="next"'
         return JSONResponse({"sessionId": session_id, "messages": page.records}, headers=headers)
 
 
@@ -76,4 +79,4 @@ def page_limit(raw: str | None) -> int:
 
 
 def routes() -> list[BaseRoute]:
-    return [Route("/v1/sessions/{sessionId}/messages", SessionMessages)]
+    return [Route(MESSAGES_ROUTE, SessionMessages)]

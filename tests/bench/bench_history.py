@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
