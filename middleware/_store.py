@@ -35,7 +35,7 @@ from ._config import Settings
 from ._errors import FencedOut, SessionBusy, SessionGateError
 from ._ids import file_stem, session_id_from_stem
 from ._metrics import FENCING_REFUSALS
-from ._transcript_index import Synced, TranscriptIndex, parse_lines
+from ._transcript_index import Records, TranscriptIndex, parse_lines
 from ._write_lock import WriteLockHold
 
 __all__ = ["FILE_THREADS", "LockedTranscript", "Page", "TranscriptStore", "new_record_id", "utc_now"]
@@ -243,7 +243,7 @@ def _append(path: Path, payload: bytes, fsync: bool) -> None:
         os.close(fd)
 
 
-def _nothing(index: Synced) -> None:
+def _nothing(index: Records) -> None:
     return None
 
 
@@ -273,7 +273,7 @@ def _read_all(path: Path, repair: bool) -> list[dict[str, Any]]:
 
 
 def _tail(path: Path, limit: int, through: str | None) -> list[dict[str, Any]]:
-    def query(index: Synced) -> list[dict[str, Any]]:
+    def query(index: Records) -> list[dict[str, Any]]:
         last = index.count if through is None else index.seq_of("id", through)
         if last is None:
             raise ValueError(f"record {through!r} is not in the transcript {path}")
@@ -288,7 +288,7 @@ def _tail(path: Path, limit: int, through: str | None) -> list[dict[str, Any]]:
 
 
 def _page(path: Path, limit: int, before: str | None) -> Page | None:
-    def query(index: Synced) -> Page | None:
+    def query(index: Records) -> Page | None:
         if before is None:
             last = index.count
         elif (seq := index.seq_of("id", before)) is not None:
