@@ -26,6 +26,10 @@ of lines), so an index that is wrong in any other way raises
 :class:`IndexMismatch` and is rebuilt too. Only complete lines are ever
 indexed, so the index never points into a torn tail.
 
+A transcript under :data:`INDEX_FROM_BYTES` gets no index: most sessions stay
+that short, and one read of the whole file is cheaper than creating and
+keeping an index for it (:class:`SmallTranscript` answers the same queries).
+
 Everything here is blocking file work: callers run it in a worker thread.
 """
 
