@@ -50,7 +50,7 @@ class Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
         store = TranscriptStore(backend, settings)
         providers = build_failover(settings, transport=transport)
-        turns = TurnRunner(store, providers)
+        turns = TurnRunner(store, providers, max_messages=settings.history.max_messages)
         live = live or LiveTurns(backend)
         http = httpx.AsyncClient(transport=transport, timeout=OUTBOUND_TIMEOUT_S)
         channels = ChannelWorker(

@@ -58,6 +58,7 @@ from ._auth import BearerAuth
 from ._body import BodyLimit, MessageIn, gated_body_parser, gated_session_key
 from ._context import Gateway
 from ._logging import REQUEST_ID, RequestLog, configure_logging
+from ._loop_lag import sampling_loop_lag
 from ._openai import OpenAIErrors
 from .live import LiveTurns
 from .routes import chat, health, metrics, openapi, sessions, webchat
@@ -145,7 +146,8 @@ def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport
         app.state.gateway = gateway
         try:
             gateway.channels.start()  # resumes what a previous run left: spooled, unreplied, undelivered
-            yield
+            async with sampling_loop_lag():
+                yield
         finally:
             await gateway.channels.aclose()  # unfinished work stays in the transcripts for the next start
             await gateway.aclose()

@@ -207,8 +207,8 @@ class LiveTurns:
             return functools.partial(turn.fail, error, problem_status(error, self._settings))
         except Exception:
             log.exception("turn %s of session %r failed", turn.turn_id, turn.session_id)
-            error = SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}")
-            return functools.partial(turn.fail, error)
+            fault = SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}")
+            return functools.partial(turn.fail, fault)
         return functools.partial(turn.finish, result)
 
     def current(self, session_id: str) -> LiveTurn | None:

@@ -59,7 +59,7 @@ from ._problem import (
     use_error_format,
 )
 from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
-from ._store import TranscriptStore, new_record_id, utc_now
+from ._store import LockedTranscript, Page, TranscriptStore, new_record_id, utc_now
 
 try:
     __version__ = version("sessiongate")
@@ -91,6 +91,8 @@ __all__ = [
     "LeaseKind",
     "LeaseStorage",
     "LockTimeout",
+    "LockedTranscript",
+    "Page",
     "PayloadTooLarge",
     "QueueFull",
     "RateLimited",

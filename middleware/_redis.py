@@ -14,8 +14,9 @@ nothing lock-like is shared between tasks (redis-py's own asyncio ``Lock``
 keeps its token per thread, which is unsafe across tasks of one loop).
 
 An unreachable Redis is reported as :class:`BackendUnavailable` (503 with
-Retry-After), quickly: connections use short connect and read timeouts and
-one immediate reconnect attempt, so an outage is seen in well under a second.
+Retry-After): a refused or cut connection at once (one immediate reconnect
+attempt), a hung Redis after the connect or read timeout (5 s). A burst of
+requests is load, not an outage: commands wait for a free pooled connection.
 """
 
 from __future__ import annotations
@@ -51,13 +52,16 @@ from ._storage import (
 logger = logging.getLogger("sessiongate.redis")
 
 #: Connection options of every Redis client sessiongate opens (this storage and the
-#: ``limits`` rate-limit storage): short timeouts and one immediate reconnect, so a
-#: pooled connection cut by a Redis restart is replaced at once and a Redis that is
-#: really down fails fast instead of backing off for seconds. Options in
-#: ``backend.url``'s query string (``?socket_timeout=2``) override them.
+#: ``limits`` rate-limit storage): one immediate reconnect, so a pooled connection cut
+#: by a Redis restart is replaced at once and a Redis that is down (connection
+#: refused) fails at once instead of backing off for seconds. The timeouts only
+#: catch a Redis that hangs; they are measured on this process's event loop, so
+#: they are long enough that a burst of this process's own requests, which delays
+#: the loop, never reads as a Redis outage. Options in ``backend.url``'s query
+#: string (``?socket_timeout=2``) override them.
 CONNECTION_OPTIONS: dict[str, Any] = {
-    "socket_connect_timeout": 0.25,
-    "socket_timeout": 0.5,
+    "socket_connect_timeout": 5.0,
+    "socket_timeout": 5.0,
     "health_check_interval": 5,
     "retry": Retry(NoBackoff(), retries=1, supported_errors=(redis_errors.ConnectionError,)),
 }
@@ -72,6 +76,11 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 RETRY_AFTER_OUTAGE_MS = 1_000
+
+#: A burst is load, not an outage: a command waits this long for one of the pool's
+#: ``backend.maxConnections`` connections to come free (redis-py's plain pool would
+#: refuse at once with ``MaxConnectionsError``, which read as ``backend-unavailable``).
+POOL_WAIT_S = 10.0
 
 
 def unavailable(exc: Exception) -> BackendUnavailable:
@@ -199,10 +208,15 @@ class RedisStorage(LeaseStorage):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisStorage:
-        client = aioredis.Redis.from_url(
-            settings.backend.url, client_name="sessiongate", decode_responses=True, **CONNECTION_OPTIONS
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.backend.url,
+            max_connections=settings.backend.max_connections,
+            timeout=POOL_WAIT_S,
+            client_name="sessiongate",
+            decode_responses=True,
+            **CONNECTION_OPTIONS,
         )
-        return cls(client, key_prefix=settings.backend.key_prefix)
+        return cls(aioredis.Redis.from_pool(pool), key_prefix=settings.backend.key_prefix)
 
     async def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
         try:  # not a context manager: this is the hot path of every lease

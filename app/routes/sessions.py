@@ -1,4 +1,5 @@
-"""The messages API: ``POST`` runs one turn, ``GET`` reads the transcript; the running turn is watched and cancelled.
+"""The messages API: ``POST`` runs one turn, ``GET`` reads the transcript a page at a time; the running turn
+is watched and cancelled.
 
 By the time ``SessionMessages.post`` runs, the middleware stack has checked the
 token and SessionGate has parsed the body (:mod:`sessiongate.gateway._body`),
@@ -11,22 +12,28 @@ server-sent events.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import SessionGateError, admission_of, take_lane, validate_session_id
+from sessiongate import InvalidRequest, SessionGateError, admission_of, take_lane, validate_session_id
 
 from .._body import MessageIn
 from .._context import Gateway
 from .._logging import SESSION_ID
 from ..live import LiveTurn, TurnEvent
-from ..paths import CURRENT_TURN_ROUTE, MESSAGES_ROUTE
+from ..paths import CURRENT_TURN_ROUTE, MESSAGES_ROUTE, messages_path
 from ..turns import Record, user_record
 
-__all__ = ["CurrentTurn", "SessionMessages", "gateway_of", "routes"]
+__all__ = [
+    "DEFAULT_PAGE_LIMIT", "MAX_PAGE_LIMIT", "CurrentTurn", "SessionMessages", "gateway_of", "page_limit", "routes",
+]
+
+DEFAULT_PAGE_LIMIT = 100
+MAX_PAGE_LIMIT = 1_000
 
 EVENT_STREAM = "text/event-stream"
 
@@ -93,10 +100,28 @@ class SessionMessages(HTTPEndpoint):
         return reply_json(session_id, user["id"], outcome)
 
     async def get(self, request: Request) -> JSONResponse:
+        """One page, newest first: ``?limit=`` records before ``?before=<messageId>``, in transcript order."""
         session_id = validate_session_id(request.path_params["sessionId"])
         SESSION_ID.set(session_id)
-        messages = await gateway_of(request).store.read_unlocked(session_id)
-        return JSONResponse({"sessionId": session_id, "messages": messages})
+        limit = page_limit(request.query_params.get("limit"))
+        before = request.query_params.get("before") or None
+        page = await gateway_of(request).store.page(session_id, limit=limit, before=before)
+        if page is None:
+            raise InvalidRequest(f"before={before!r} is not a message of session {session_id!r}")
+        headers = {}
+        if page.more:
+            older = urlencode({"limit": limit, "before": page.records[0]["id"]})
+            headers["Link"] = f'<{messages_path(session_id)}?{older}>; rel="next"'
+        return JSONResponse({"sessionId": session_id, "messages": page.records}, headers=headers)
+
+
+def page_limit(raw: str | None) -> int:
+    """``?limit=``: an integer from 1 to ``MAX_PAGE_LIMIT``; absent means ``DEFAULT_PAGE_LIMIT``."""
+    if raw is None:
+        return DEFAULT_PAGE_LIMIT
+    if not raw.isdecimal() or not 1 <= int(raw) <= MAX_PAGE_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE_LIMIT}, got {raw!r}")
+    return int(raw)
 
 
 async def answer(request: Request, turn: LiveTurn, user: Record) -> Response:

@@ -13,12 +13,16 @@
 // answer names it (turnId) and the poll looks for one, and the tab follows it
 // at GET .../turns/current. The Stop button cancels the running turn (DELETE);
 // its message stays in the transcript beside the partial reply.
+//
+// Only the newest page of the transcript is loaded (and polled); older pages
+// load as the reader scrolls up, following the server's Link rel="next".
 "use strict";
 
 (() => {
   const RETRY = { maxAttempts: 12, budgetMs: 90_000, backoffBaseMs: 250, backoffMaxMs: 5_000, hintJitter: 0.5 };
   const RETRYABLE_STATUSES = new Set([409, 429, 503]);
   const POLL_MS = 2_500;
+  const PAGE_LIMIT = 50;
   const SESSION_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
   const STORAGE = { session: "sessiongate.session", token: "sessiongate.token" };
 
@@ -36,7 +40,9 @@
   };
 
   let sessionId = "";
-  let serverMessages = [];
+  let serverMessages = []; // the loaded part of the transcript: older pages, then the newest page
+  let olderBefore = null; // messageId whose older messages are not loaded yet (null: none remain)
+  let loadingOlder = false;
   const pending = []; // messages of this tab not yet answered: {id, sessionId, text, state, note}
   let outbox = Promise.resolve();
   let live = null; // the session's running turn as this tab follows it: {turnId, text}
@@ -134,6 +140,18 @@
     try {
       await fetch(turnUrl(sessionId), { method: "DELETE", headers: headers() });
     } catch { /* unreachable: the poll reports it */ }
+  }
+
+  function pageUrl(id, before) {
+    const query = new URLSearchParams({ limit: String(PAGE_LIMIT) });
+    if (before) query.set("before", before);
+    return `${messagesUrl(id)}?${query}`;
+  }
+
+  // The ``before`` of the response's Link rel="next" (older messages remain), else null.
+  function nextBefore(response) {
+    const link = /<([^>]*)>\s*;\s*rel="next"/.exec(response.headers.get("Link") || "");
+    return link ? new URL(link[1], location.href).searchParams.get("before") : null;
   }
 
   async function readProblem(response) {
@@ -238,7 +256,7 @@
   async function refresh() {
     const forSession = sessionId;
     try {
-      const response = await fetch(messagesUrl(forSession), { headers: headers(), cache: "no-store" });
+      const response = await fetch(pageUrl(forSession), { headers: headers(), cache: "no-store" });
       if (forSession !== sessionId) return;
       if (!response.ok) {
         const problem = await readProblem(response);
@@ -248,10 +266,12 @@
         return;
       }
       const body = await response.json();
-      const messages = Array.isArray(body.messages) ? body.messages : [];
-      if (signature(messages) !== signature(serverMessages)) {
-        serverMessages = messages;
+      const newest = Array.isArray(body.messages) ? body.messages : [];
+      const merged = mergeNewest(newest, nextBefore(response));
+      if (signature(merged) !== signature(serverMessages)) {
+        serverMessages = merged;
         render();
+        fillViewport();
       }
       if (!outboxBusy()) watch();
     } catch {
@@ -260,6 +280,42 @@
   }
 
   const outboxBusy = () => pending.some((item) => item.state === "pending" && item.sessionId === sessionId);
+
+  // The loaded messages with the newest page in place; if it does not reach what is
+  // loaded (more than a page arrived meanwhile), the older pages are dropped and reloaded on scroll.
+  function mergeNewest(newest, before) {
+    const overlap = newest.length ? serverMessages.findIndex((message) => message.id === newest[0].id) : -1;
+    if (overlap >= 0) return [...serverMessages.slice(0, overlap), ...newest];
+    olderBefore = before;
+    return newest;
+  }
+
+  async function loadOlder() {
+    if (loadingOlder || olderBefore === null) return;
+    loadingOlder = true;
+    const forSession = sessionId;
+    try {
+      const response = await fetch(pageUrl(forSession, olderBefore), { headers: headers(), cache: "no-store" });
+      if (forSession !== sessionId || !response.ok) return;
+      const body = await response.json();
+      const older = Array.isArray(body.messages) ? body.messages : [];
+      olderBefore = nextBefore(response);
+      const heightBefore = ui.scroller.scrollHeight;
+      serverMessages = [...older, ...serverMessages];
+      render();
+      ui.scroller.scrollTop += ui.scroller.scrollHeight - heightBefore; // the reader stays where they were
+    } catch {
+      setStatus("Gateway unreachable; will keep trying", "error");
+    } finally {
+      loadingOlder = false;
+    }
+    fillViewport();
+  }
+
+  // Older pages load when the reader reaches the top, or while the loaded messages do not fill the view.
+  function fillViewport() {
+    if (ui.scroller.scrollTop < 40 || ui.scroller.scrollHeight <= ui.scroller.clientHeight) loadOlder();
+  }
 
   const signature = (messages) => `${messages.length}:${messages.length ? messages[messages.length - 1].id : ""}`;
 
@@ -324,6 +380,7 @@
     history.replaceState(null, "", url);
     serverMessages = [];
     live = null;
+    olderBefore = null;
     render();
     refresh();
   }
@@ -358,6 +415,8 @@
       ui.composer.requestSubmit();
     }
   });
+
+  ui.scroller.addEventListener("scroll", fillViewport, { passive: true });
 
   ui.token.value = sessionStorage.getItem(STORAGE.token) || "";
   openSession(initialSession());

@@ -29,6 +29,7 @@ BENCHMARKS = [
     "tests.bench.bench_redis",
     "tests.bench.bench_memory",
     "tests.bench.bench_clients",
+    "tests.bench.bench_history",
     "tests.bench.bench_stream",
 ]
 
