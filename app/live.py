@@ -13,8 +13,10 @@ follower, so a watcher that comes late replays them from the first.
 Other processes (``--workers N``, other instances) reach a turn through the
 backend's record storage, which every backend shares among the processes that
 share its locks (files for ``file://``, Redis for ``redis://``): while a turn
-runs, its process mirrors the buffer there and checks for a cancel request
-every :data:`POLL_S`; a remote watcher polls the mirror as often. Polling,
+runs, its process names it there and reads its control record every
+:data:`POLL_S` (a remote watcher adds it, a remote cancel sets it); while
+someone elsewhere watches, the buffer is mirrored there too, and the watcher
+polls the mirror as often. Polling,
 not pub/sub, because it works the same on every backend with the storage
 interface as it is; the price is up to :data:`POLL_S` of lag for remote
 watchers and remote cancels (local ones act at once). ``memory://`` is one
@@ -24,7 +26,6 @@ process, so nothing is mirrored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -54,7 +55,7 @@ __all__ = ["LiveTurn", "LiveTurns", "TurnEvent"]
 
 log = logging.getLogger("sessiongate.turns")
 
-POLL_S = 0.05  # mirror flushes, cancel checks and remote watcher polls
+POLL_S = 0.05  # control checks and event mirroring of a running turn, remote watcher polls
 TURN_RECORD_TTL_MS = 3_000  # a dead owner's turn stops being named this long after its last refresh
 TURN_RECORD_REFRESH_S = 1.0
 FINISHED_EVENTS_TTL_MS = 10_000  # a remote watcher reads the end of a turn within this
@@ -83,7 +84,8 @@ class LiveTurn:
         self.message_id = self.users[-1]["id"]
         self.events: list[TurnEvent] = []
         self.cancelled = asyncio.Event()
-        self.mirrored = False  # its events were written for other processes (LiveTurns._mirror)
+        self.named = False  # named as running for other processes (LiveTurns._mirror)
+        self.watched = False  # another process watches or cancels it: its events are mirrored
         self.outcome: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
         self.publish("turn", {"turnId": self.turn_id, "messageId": self.message_id})
@@ -178,21 +180,21 @@ class LiveTurns:
     async def _run(self, runner: TurnRunner, grant: LaneGrant, turn: LiveTurn, first_provider: str | None) -> None:
         """Run the turn; give the lane back *before* its last event, so the reader of that event may send the
         next message at once (as the gate does before a response's last bytes)."""
-        mirror = asyncio.get_running_loop().create_task(self._mirror(turn)) if self.shared else None
+        stop_mirror = asyncio.Event()
+        mirror = asyncio.get_running_loop().create_task(self._mirror(turn, stop_mirror)) if self.shared else None
         try:
             end = await self._outcome(runner, grant, turn, first_provider)
             if mirror is not None:
-                mirror.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await mirror
-                if turn.mirrored:  # no longer named as running: a successor's record is never deleted
-                    await _logging_outage(self._records.delete(_turn_key(turn.session_id)), "unname the turn")
+                stop_mirror.set()
+                await mirror  # not cancelled: a Redis command cut off mid-flight could leave its connection unusable
+                if turn.named:  # no longer named as running: a successor's record is never deleted
+                    await _logging_outage(self._unname(turn), "unname the turn")
         finally:
             if self._local.get(turn.session_id) is turn:
                 del self._local[turn.session_id]
             await grant.release()
         end()
-        if turn.mirrored:  # the end, for watchers in other processes
+        if turn.watched:  # the end, for watchers in other processes
             await _logging_outage(self._put_events(turn, finished=True, ttl_ms=FINISHED_EVENTS_TTL_MS),
                                   "mirror the end of the turn")
 
@@ -237,7 +239,7 @@ class LiveTurns:
         turn_id = await self._running_turn_id(session_id)
         if turn_id is None:
             return False
-        await self._records.put(_cancel_key(turn_id), {"at": time.time()}, ttl_ms=FINISHED_EVENTS_TTL_MS)
+        await self._records.put(_control_key(turn_id), {"cancel": True}, ttl_ms=FINISHED_EVENTS_TTL_MS)
         return True
 
     async def watch(self, session_id: str) -> AsyncIterator[TurnEvent] | None:
@@ -246,45 +248,58 @@ class LiveTurns:
         if local is not None:
             return local.follow()
         turn_id = await self._running_turn_id(session_id)
-        return None if turn_id is None else self._follow_remote(session_id, turn_id)
+        if turn_id is None:
+            return None
+        await self._records.add(_control_key(turn_id), {"cancel": False}, ttl_ms=FINISHED_EVENTS_TTL_MS)  # watch it
+        return self._follow_remote(session_id, turn_id)
 
     async def _follow_remote(self, session_id: str, turn_id: str) -> AsyncIterator[TurnEvent]:
         seen = 0
-        while True:
-            mirrored = await self._records.get(_events_key(turn_id))
+        while True:  # its reader may go away at any await: a storage command is never cut off (shield)
+            mirrored = await asyncio.shield(self._records.get(_events_key(turn_id)))
             if mirrored is not None:
                 for seq, (name, data) in enumerate(mirrored["events"][seen:], start=seen):
                     yield TurnEvent(seq, name, data)
                 seen = len(mirrored["events"])
                 if mirrored["finished"]:
                     return
-            elif await self._running_turn_id(session_id) != turn_id:
+            elif await asyncio.shield(self._running_turn_id(session_id)) != turn_id:
                 return  # its process went away before mirroring an end
             await asyncio.sleep(POLL_S)
 
-    async def _mirror(self, turn: LiveTurn) -> None:
-        """While ``turn`` runs: name it, mirror its events, and act on a cancel from another process.
+    async def _mirror(self, turn: LiveTurn, stop: asyncio.Event) -> None:
+        """While ``turn`` runs: name it for other processes, and act on their watch or cancel requests.
 
-        It starts after one :data:`POLL_S`: a turn's first delta does not wait
-        for file or Redis writes, and a turn shorter than that is never mirrored.
+        Every :data:`POLL_S` one read of the turn's control record (a watcher
+        adds it, a ``DELETE`` sets ``cancel``); the events are written only
+        while someone elsewhere watches. It starts one :data:`POLL_S` into the
+        turn: the first delta never waits for a file or Redis write.
         """
         mirrored = 0
         named_at = 0.0
-        while True:
-            await asyncio.sleep(POLL_S)
-            turn.mirrored = True
+        while not await _set_within(stop, POLL_S):
             try:
                 if time.monotonic() - named_at >= TURN_RECORD_REFRESH_S:
+                    turn.named = True
                     await self._records.put(_turn_key(turn.session_id), {"turnId": turn.turn_id, "owner": self.owner},
                                             ttl_ms=TURN_RECORD_TTL_MS)
                     named_at = time.monotonic()
-                if len(turn.events) != mirrored:
+                control = await self._records.get(_control_key(turn.turn_id))
+                if control is not None:
+                    turn.watched = True
+                    if control.get("cancel"):
+                        turn.cancel()
+                if turn.watched and len(turn.events) != mirrored:
                     await self._put_events(turn, finished=False, ttl_ms=TURN_RECORD_TTL_MS + FINISHED_EVENTS_TTL_MS)
                     mirrored = len(turn.events)
-                if await self._records.get(_cancel_key(turn.turn_id)) is not None:
-                    turn.cancel()
             except BackendUnavailable:  # the turn goes on; other processes see it again when the backend is back
                 log.warning("turn %s: the backend is unreachable; not mirrored for other processes", turn.turn_id)
+
+    async def _unname(self, turn: LiveTurn) -> None:
+        """Stop naming the turn as running; a watcher that came since the last poll still gets its end."""
+        await self._records.delete(_turn_key(turn.session_id))
+        if not turn.watched and await self._records.get(_control_key(turn.turn_id)) is not None:
+            turn.watched = True
 
     async def _put_events(self, turn: LiveTurn, *, finished: bool, ttl_ms: int) -> None:
         events = [[event.name, event.data] for event in turn.events]
@@ -296,6 +311,15 @@ class LiveTurns:
             turn.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_WAIT_S)
+
+
+async def _set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` is set within ``seconds``."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _logging_outage(step: Awaitable[None], what: str) -> None:
@@ -314,5 +338,5 @@ def _events_key(turn_id: str) -> str:
     return f"turn-events:{turn_id}"
 
 
-def _cancel_key(turn_id: str) -> str:
-    return f"turn-cancel:{turn_id}"
+def _control_key(turn_id: str) -> str:
+    return f"turn-control:{turn_id}"
