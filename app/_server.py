@@ -43,7 +43,7 @@ from . import channels
 from ._auth import BearerAuth
 from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
 from ._context import Gateway
-from ._logging import REQUEST_ID, RequestLog, configure_logging
+from ._logging import RequestLog, configure_logging
 from .routes import health, metrics, openapi, sessions, webchat
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
@@ -87,7 +87,7 @@ class ErrorBoundary:
             error = exc if isinstance(exc, SessionGateError) else None
             if error is None:
                 log.exception("unhandled error in %s %s", scope["method"], scope["path"])
-                error = SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}")
+                error = SessionGateError(f"unhandled {type(exc).__name__} (traceback above)")
             if started:
                 log.warning("error after the response started, connection dropped: %s", exc)
                 return
@@ -112,9 +112,7 @@ def logged_session_id(scope: Scope) -> str | None:
 
 def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHandler]:
     async def typed_error(request: Request, error: Exception) -> Response:
-        assert isinstance(error, SessionGateError)
-        if error.problem_type == SessionGateError.problem_type:  # a fault, not a typed answer: keep a trace
-            log.error("internal error in %s %s: %s", request.method, request.url.path, error.detail)
+        assert isinstance(error, SessionGateError)  # a 5xx detail is logged, not sent (sessiongate._problem)
         return problem_response(error, problem_status(error, settings))
 
     async def http_error(request: Request, error: Exception) -> Response:

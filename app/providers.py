@@ -61,6 +61,7 @@ class AllProvidersFailed(SessionGateError):
     problem_type: ClassVar[str] = "all-providers-failed"
     default_status: ClassVar[int] = 502
     title: ClassVar[str] = "All providers failed"
+    detail_is_public: ClassVar[bool] = True  # provider ids and failure kinds, nothing of the server's
 
     def __init__(self, errors: Sequence[ProviderError], *, session_id: str | None = None) -> None:
         super().__init__("every provider failed: " + "; ".join(str(error) for error in errors), session_id=session_id)

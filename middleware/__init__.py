@@ -26,9 +26,11 @@ from ._errors import (
 from ._gate import SessionGate, lane_of
 from ._ids import validate_session_id
 from ._lanes import LaneGrant
+from ._problem import REQUEST_ID
 from ._store import TranscriptStore
 
 __all__ = [
+    "REQUEST_ID",
     "Backend",
     "BackendUnavailable",
     "ConfigError",

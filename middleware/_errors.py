@@ -20,6 +20,8 @@ class SessionGateError(Exception):
     problem_type: ClassVar[str] = "internal-error"
     default_status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
+    # A 5xx detail may name server paths or hosts: only errors that say so show it to clients.
+    detail_is_public: ClassVar[bool] = False
 
     def __init__(self, detail: str, *, session_id: str | None = None) -> None:
         super().__init__(detail)
