@@ -8,6 +8,7 @@ control characters stay out of the log, and the other refusals below.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import httpx
@@ -30,3 +31,25 @@ def test_a_server_fault_shows_the_request_id_and_logs_the_path(tmp_path: Path) -
         assert str(tmp_path) not in answer.text
         assert answer.headers["x-request-id"] in problem["detail"]
     assert str(data.resolve() / "sessions") in log  # the operator still finds where it went wrong
+
+
+def raw_request(port: int, request: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``request`` bytes as they are (no client normalises them) and return what comes back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65_536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_control_characters_in_a_url_cannot_forge_a_log_line(tmp_path: Path) -> None:
+    forged = "2026-11-30 05:00:00,000 INFO sessiongate.access [req=x session=None] POST /admin 200"
+    with GatewayProcess(tmp_path / "data") as gateway:
+        for path in (f"/v1/sessions/a%0A{forged}/messages", f"/nowhere%0D%0A{forged}%1B[2J%E2%80%A8"):
+            answer = raw_request(gateway.port, f"GET {path.replace(' ', '%20')} HTTP/1.1\r\n"
+                                               "Host: x\r\nConnection: close\r\n\r\n".encode())
+            assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 404")), answer[:200]
+        log = gateway.log()
+    assert not any(line.startswith(forged) for line in log.splitlines()), log
+    assert f"a\\n{forged}" in log and "\\x1b[2J\\u2028" in log
