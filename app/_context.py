@@ -40,6 +40,7 @@ class Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
         store = TranscriptStore(backend, settings)
         providers = build_failover(settings, transport=transport)
+        backend.lanes.durations.longest_ms = providers.longest_ms  # bounds busy answers before any turn finished
         return cls(
             settings=settings,
             backend=backend,

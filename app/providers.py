@@ -79,6 +79,7 @@ class Provider(ABC):
 
     def __init__(self, settings: ProviderSettings) -> None:
         self.id = settings.id
+        self.longest_ms = float(settings.timeout_ms)  # the longest a call may take before it fails
 
     @abstractmethod
     async def complete(self, messages: Sequence[ChatMessage]) -> str:
@@ -94,6 +95,7 @@ class EchoProvider(Provider):
     def __init__(self, settings: ProviderSettings) -> None:
         super().__init__(settings)
         self.delay_s = settings.delay_ms / 1000
+        self.longest_ms = float(settings.delay_ms)
 
     async def complete(self, messages: Sequence[ChatMessage]) -> str:
         if self.delay_s:
@@ -173,6 +175,11 @@ class Failover:
         if not providers:
             raise ValueError("Failover needs at least one provider")
         self.providers = list(providers)
+
+    @property
+    def longest_ms(self) -> float:
+        """The longest a turn's model calls can take: every provider tried, each to its limit."""
+        return sum(provider.longest_ms for provider in self.providers)
 
     async def complete(self, messages: Sequence[ChatMessage], *, session_id: str | None = None) -> Completion:
         """The first provider's reply; raises :class:`AllProvidersFailed` listing every error."""

@@ -25,14 +25,22 @@ from ._waiting import Backoff, Heartbeats, Wakeups, moving_average
 
 
 class TurnDurations:
-    """Exponentially weighted moving averages of turn durations, per session and overall."""
+    """Exponentially weighted moving averages of turn durations, per session and overall.
+
+    Before any turn has finished there is nothing to average: a turn that has
+    run ``elapsed`` ms is then expected to run about as long again (at least
+    :data:`DEFAULT_MS` more), but never past ``longest_ms`` (the embedding app
+    knows it: e.g. its model call's timeout), so a slow first turn does not
+    make its waiters poll every few hundred milliseconds.
+    """
 
     DEFAULT_MS = 1000.0
     MAX_SESSIONS = 10_000  # least recently finished sessions are forgotten first
 
-    def __init__(self) -> None:
+    def __init__(self, longest_ms: float | None = None) -> None:
         self._per_session: OrderedDict[str, float] = OrderedDict()
         self._overall: float | None = None
+        self.longest_ms = longest_ms
 
     def observe(self, session_id: str, duration_ms: float) -> None:
         self._per_session[session_id] = moving_average(self._per_session.pop(session_id, None), duration_ms)
@@ -40,9 +48,13 @@ class TurnDurations:
             self._per_session.popitem(last=False)
         self._overall = moving_average(self._overall, duration_ms)
 
-    def expected_ms(self, session_id: str) -> float:
+    def expected_ms(self, session_id: str, elapsed_ms: float = 0.0) -> float:
+        """The whole expected duration of the session's turn that has run ``elapsed_ms`` so far."""
         expected = self._per_session.get(session_id, self._overall)
-        return self.DEFAULT_MS if expected is None else expected
+        if expected is not None:
+            return expected
+        guess = elapsed_ms + max(elapsed_ms, self.DEFAULT_MS)
+        return guess if self.longest_ms is None else max(1.0, min(guess, self.longest_ms))
 
 
 class LaneGrant:
@@ -203,10 +215,10 @@ class Lanes:
         message ahead in the queue. A turn running over its expectation is
         given a tenth of it, not zero, so clients do not hammer.
         """
-        expected = self.durations.expected_ms(session_id)
         if elapsed_ms is None:
             grant = self._held.get(session_id)
             elapsed_ms = 0.0 if grant is None else (time.monotonic() - grant.started_at) * 1000
+        expected = self.durations.expected_ms(session_id, elapsed_ms)
         remaining = max(expected - elapsed_ms, expected / 10, 1.0)
         return max(1, round(remaining + queue_position * expected))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -53,3 +55,18 @@ def test_control_characters_in_a_url_cannot_forge_a_log_line(tmp_path: Path) -> 
         log = gateway.log()
     assert not any(line.startswith(forged) for line in log.splitlines()), log
     assert f"a\\n{forged}" in log and "\\x1b[2J\\u2028" in log
+
+
+def test_the_first_busy_answer_of_a_slow_turn_does_not_underestimate_it(tmp_path: Path) -> None:
+    config = {"providers": [{"id": "slow", "type": "echo", "delayMs": 3000}]}
+    with GatewayProcess(tmp_path / "data", config) as gateway, httpx.Client(timeout=10) as client:
+        url = messages_url(gateway.url, "first")
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, url, json={"text": "slow"})
+            time.sleep(0.5)  # the first turn has run a while when the second message comes
+            second = pool.submit(client.post, url, json={"text": "again"})
+            answers = [first.result(), second.result()]
+    (refused,) = [answer for answer in answers if answer.status_code != 200]
+    busy = assert_problem(refused, 409, "session-busy")
+    # no turn has finished yet: the running one is expected to take at least as long again, never past 3 s
+    assert 1000 <= busy["retryAfterMs"] <= 3000
