@@ -8,14 +8,17 @@ control characters stay out of the log, and the other refusals below.
 from __future__ import annotations
 
 import os
+import resource
+import select
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 
-from tests.support import GatewayProcess, assert_problem, messages_url
+from tests.support import GatewayProcess, assert_problem, messages_url, wait_until
 
 
 def test_a_server_fault_shows_the_request_id_and_logs_the_path(tmp_path: Path) -> None:
@@ -70,3 +73,51 @@ def test_the_first_busy_answer_of_a_slow_turn_does_not_underestimate_it(tmp_path
     busy = assert_problem(refused, 409, "session-busy")
     # no turn has finished yet: the running one is expected to take at least as long again, never past 3 s
     assert 1000 <= busy["retryAfterMs"] <= 3000
+
+
+def send_head(port: int, head: bytes, *, chunk: int = 65_536) -> bytes:
+    """Send ``head`` piece by piece, stopping as soon as the server answers; its answer (``b""`` if it just closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            for start in range(0, len(head), chunk):
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server answered before the head was complete
+                sock.sendall(head[start:start + chunk])
+            return sock.recv(65_536)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_an_oversized_or_slow_request_head_is_refused_and_the_gateway_stays_small(tmp_path: Path) -> None:
+    twenty_mib = 20 * 1024 * 1024
+    with GatewayProcess(tmp_path / "data") as gateway:
+        resource.prlimit(gateway.pid, resource.RLIMIT_NOFILE, (256, 256))
+        gateway_process = psutil.Process(gateway.pid)
+        before = gateway_process.memory_info().rss
+        start = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        many_lines = start + b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 1000) for n in range(twenty_mib // 1000))
+        one_line = start + b"X-Big: " + b"a" * twenty_mib
+        many_small = start + b"A: b\r\n" * 500 + b"\r\n"
+        for head in (many_lines, one_line, many_small):
+            answer = send_head(gateway.port, head)
+            assert answer.startswith(b"HTTP/1.1 431") or answer == b"", answer[:100]
+        slow = []
+        for _ in range(300):  # more half-sent heads than the gateway has descriptors
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+            sock.sendall(start + b"X-Slow: ")
+            slow.append(sock)
+        try:
+            wait_until(lambda: healthy(gateway.url), timeout=30, what="/healthz answering again")
+            assert slow[0].recv(100).startswith(b"HTTP/1.1 408")  # the first ones were timed out
+        finally:
+            for sock in slow:
+                sock.close()
+        grown = gateway_process.memory_info().rss - before
+    assert grown < 40 * 1024 * 1024, f"the gateway grew by {grown / 2**20:.0f} MiB"

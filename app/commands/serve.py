@@ -23,10 +23,14 @@ import uvicorn
 
 from sessiongate import ConfigError, Settings
 
+from .._http import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
 from .._logging import configure_logging
 from .._server import SETTINGS_ENV
 from ..routes.metrics import MULTIPROC_ENV
 from ._settings import EXIT_USAGE, load_settings, settings_options
+
+HEAD_TIMEOUT_S = 5  # longest wait for a request's head, and for the next request on a kept-alive connection
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -63,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
             log_config=None,  # app._logging formats every line, in every worker
             access_log=False,  # app._logging.RequestLog writes one line per request
             timeout_graceful_shutdown=5,
+            http=BoundedHttpToolsProtocol,  # httptools with a bounded request head (size, count, time)
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            timeout_keep_alive=HEAD_TIMEOUT_S,
         )
     finally:
         if metrics_dir is not None:
