@@ -192,6 +192,18 @@ class Unauthorized(SessionGateError):
     title = "Unauthorized"
 
 
+class ClientGone(Exception):
+    """The client of a request waiting for its session's lane went away; nobody is left to answer.
+
+    Not a :class:`SessionGateError`: there is no answer to render. The wait
+    ends at once, giving up the request's queue place.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"the client waiting for session {session_id!r} went away")
+        self.session_id = session_id
+
+
 class ConfigError(SessionGateError, ValueError):
     """A configuration value is unknown, of the wrong type, or out of range.
 

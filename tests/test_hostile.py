@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
-from tests.support import GatewayProcess, assert_problem, messages_url, wait_until
+from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, wait_until
 
 
 def test_a_server_fault_shows_the_request_id_and_logs_the_path(tmp_path: Path) -> None:
@@ -121,3 +122,28 @@ def test_an_oversized_or_slow_request_head_is_refused_and_the_gateway_stays_smal
                 sock.close()
         grown = gateway_process.memory_info().rss - before
     assert grown < 40 * 1024 * 1024, f"the gateway grew by {grown / 2**20:.0f} MiB"
+
+
+def user_texts(url: str, session_id: str) -> list[str]:
+    messages = httpx.get(messages_url(url, session_id), timeout=5).json()["messages"]
+    return [message["text"] for message in messages if message["role"] == "user"]
+
+
+def test_a_queued_message_whose_client_left_gives_up_its_place_and_never_runs(
+    tmp_path: Path, storage_url: str
+) -> None:
+    config = {"backend": {"url": storage_url}, "rateLimits": NO_RATE_LIMITS,
+              "lane": {"mode": "queue", "queueCap": 2, "queueWaitMs": 30_000},
+              "providers": [{"id": "slow", "type": "echo", "delayMs": 1500}]}
+    with GatewayProcess(tmp_path / "data", config) as gateway, httpx.Client(timeout=20) as client:
+        url = messages_url(gateway.url, "queued")
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, url, json={"text": "first"})
+            time.sleep(0.3)
+            for text in ("gone-1", "gone-2"):  # they wait in the queue, then their clients give up
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.post(url, json={"text": text}, timeout=httpx.Timeout(20, read=0.3))
+            live = pool.submit(client.post, url, json={"text": "live"})
+            assert first.result().status_code == 200
+            assert live.result().status_code == 200, live.result().text  # not queue-full: the places were given up
+        assert user_texts(gateway.url, "queued") == ["first", "live"]
