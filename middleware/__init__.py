@@ -21,6 +21,7 @@ from ._errors import (
     RetryableError,
     SessionBusy,
     SessionGateError,
+    StorageFailed,
     Unauthorized,
 )
 from ._gate import SessionGate, lane_of
@@ -49,6 +50,7 @@ __all__ = [
     "SessionGate",
     "SessionGateError",
     "Settings",
+    "StorageFailed",
     "TranscriptStore",
     "Unauthorized",
     "lane_of",

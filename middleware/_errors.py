@@ -150,6 +150,14 @@ class BackendUnavailable(RetryableError):
         super().__init__(detail, retry_after_ms=retry_after_ms)
 
 
+class StorageFailed(SessionGateError):
+    """The transcript could not be written (disk full, file-size limit); nothing of the turn was kept."""
+
+    problem_type = "storage-failed"
+    default_status = 507
+    title = "Storage failed"
+
+
 class InvalidRequest(SessionGateError):
     """Malformed JSON, missing or wrong fields."""
 

@@ -27,7 +27,7 @@ import anyio.to_thread
 
 from ._backend import Backend
 from ._config import Settings
-from ._errors import FencedOut, SessionBusy, SessionGateError
+from ._errors import FencedOut, SessionBusy, SessionGateError, StorageFailed
 from ._ids import file_stem, session_id_from_stem
 from ._metrics import FENCING_REFUSALS
 from ._write_lock import WriteLockHold
@@ -37,6 +37,7 @@ logger = logging.getLogger("sessiongate.store")
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _SUFFIX = ".jsonl"
 _TAIL_CHUNK = 65_536
+UNHEALTHY_AFTER_FAILURE_S = 30.0  # /readyz reports a failed append this long, unless one succeeds sooner
 
 
 class TranscriptStore:
@@ -47,6 +48,12 @@ class TranscriptStore:
         self.fsync = settings.transcript.fsync == "always"
         settings.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.sessions_dir = settings.sessions_dir.resolve()
+        self._failed_at: float | None = None  # monotonic time of the last failed append, until one succeeds
+
+    def check_writable(self) -> None:
+        """Raise :class:`StorageFailed` while appends fail (the last one failed, recently; for readiness probes)."""
+        if self._failed_at is not None and time.monotonic() - self._failed_at < UNHEALTHY_AFTER_FAILURE_S:
+            raise StorageFailed("the last transcript append failed; see the log")
 
     def path_for(self, session_id: str) -> Path:
         """The transcript path of a session; raises InvalidSessionId for a bad id."""
@@ -128,15 +135,27 @@ class LockedTranscript:
                 FENCING_REFUSALS.inc()
                 raise FencedOut(self.session_id, fence=fence, current_fence=current)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _OPEN_FLAGS, 0o600)
+        before: int | None = None  # the length to go back to if the append fails part-way
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 _set_aside_torn_tail(fd, self.path, size)
+            before = os.fstat(fd).st_size
             _write_all(fd, payload)
             if store.fsync:
                 await anyio.to_thread.run_sync(_fsync, fd, self.path.parent if size == 0 else None)
+        except OSError as exc:
+            store._failed_at = time.monotonic()
+            if before is not None:
+                _truncate_back(fd, self.path, before)
+            logger.error("append to %s failed: %s", self.path, exc)
+            raise StorageFailed(
+                f"the transcript of session {self.session_id!r} could not be written ({exc.strerror or exc})",
+                session_id=self.session_id,
+            ) from exc
         finally:
             os.close(fd)
+        store._failed_at = None
 
 
 def _prepared(records: list[dict[str, Any]], fence: int | None) -> tuple[list[dict[str, Any]], bytes]:
@@ -210,6 +229,15 @@ def _last_line_end(fd: int, size: int) -> int:
             return start + newline + 1
         end = start
     return 0
+
+
+def _truncate_back(fd: int, path: Path, length: int) -> None:
+    """Cut a failed append off, so the transcript is exactly as before it; logged if even that fails."""
+    try:
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    except OSError as exc:  # the next locked read sets the torn tail aside
+        logger.error("could not truncate %s back to %d bytes after a failed append: %s", path, length, exc)
 
 
 def _set_aside_torn_tail(fd: int, path: Path, size: int) -> None:

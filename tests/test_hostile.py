@@ -147,3 +147,30 @@ def test_a_queued_message_whose_client_left_gives_up_its_place_and_never_runs(
             assert first.result().status_code == 200
             assert live.result().status_code == 200, live.result().text  # not queue-full: the places were given up
         assert user_texts(gateway.url, "queued") == ["first", "live"]
+
+
+def test_a_failed_append_leaves_the_transcript_as_before_and_answers_storage_failed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with GatewayProcess(data) as gateway, httpx.Client(timeout=10) as client:
+        url = messages_url(gateway.url, "full")
+        assert client.post(url, json={"text": "kept"}).status_code == 200
+        path = data / "sessions" / "full.jsonl"
+        before = path.read_bytes()
+        # Python ignores SIGXFSZ: a write past the limit fails with EFBIG, part-way (the user line fits, the reply not)
+        resource.prlimit(gateway.pid, resource.RLIMIT_FSIZE, (len(before) + 30_000, resource.RLIM_INFINITY))
+        big = {"text": "x" * 20_000}
+        answers = [client.post(url, json=big), client.post(url, json=big, headers={"Idempotency-Key": "k-1"}),
+                   client.post(url, json=big, headers={"Idempotency-Key": "k-1"})]
+        during = client.get(f"{gateway.url}/readyz")
+        after_failures = path.read_bytes()
+        resource.prlimit(gateway.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        retried = client.post(url, json=big, headers={"Idempotency-Key": "k-1"})
+        ready = client.get(f"{gateway.url}/readyz")
+        texts = user_texts(gateway.url, "full")
+    for answer in answers:  # with or without a key, and a retry of the key: the same answer, none stored
+        assert answer.status_code == 507, answer.status_code
+        assert_problem(answer, 507, "storage-failed")
+    assert after_failures == before  # not one byte of the failed turns
+    assert_problem(during, 507, "storage-failed")
+    assert (retried.status_code, ready.status_code) == (200, 200)
+    assert texts == ["kept", big["text"]]

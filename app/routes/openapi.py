@@ -33,6 +33,7 @@ PROBLEM_TYPES = {
     "unauthorized": "bad or missing bearer token, webhook secret or signature (401)",
     "all-providers-failed": "every provider failed with a provider error; detail lists each (502)",
     "backend-unavailable": "the lock backend cannot be reached (503)",
+    "storage-failed": "the transcript could not be written (disk full); nothing of the turn was kept (507)",
     "channel-not-configured": "a webhook for a channel that is not in the config (404)",
     "not-found": "no such route (404)",
     "method-not-allowed": "the route exists, the method does not (405)",
@@ -157,6 +158,7 @@ def openapi_document() -> dict[str, Any]:
                                         headers=_RATELIMIT_HEADERS),
                         "502": _problem("all-providers-failed"),
                         "503": _problem("backend-unavailable", retryable=True),
+                        "507": _problem("storage-failed"),
                     },
                 },
                 "get": {
@@ -168,8 +170,9 @@ def openapi_document() -> dict[str, Any]:
             "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),
             "/v1/webhooks/slack": _webhook("Slack Events API request (signature and timestamp checked)"),
             "/healthz": _public_get("Liveness: the process serves", "healthz", {"200": _json("Status", "up")}),
-            "/readyz": _public_get("Readiness: the lock backend answers", "readyz", {
-                "200": _json("Status", "ready"), "503": _problem("backend-unavailable", retryable=True)}),
+            "/readyz": _public_get("Readiness: the lock backend answers and transcript appends succeed", "readyz", {
+                "200": _json("Status", "ready"), "503": _problem("backend-unavailable", retryable=True),
+                "507": _problem("storage-failed")}),
             "/metrics": _public_get("Prometheus metrics", "metrics", {"200": _content("text/plain", "string")}),
             "/openapi.json": _public_get("This document", "openapi", {"200": _content("application/json", "object")}),
             "/": _public_get("The webchat page", "webchat", {"200": _content("text/html", "string")}),
