@@ -17,7 +17,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessiongate import InvalidRequest, PayloadTooLarge, SessionGateError, validate_session_id
+from sessiongate import (
+    InvalidRequest,
+    PayloadTooLarge,
+    SessionGateError,
+    UnsupportedMediaType,
+    validate_session_id,
+)
 from sessiongate._gate import read_body, replaying
 from sessiongate._problem import send_problem
 
@@ -56,6 +62,20 @@ def declared_length(scope: Scope) -> int | None:
             except ValueError:
                 raise InvalidRequest("Content-Length is not a number") from None
     return None
+
+
+def require_json(scope: Scope) -> None:
+    """Raise :class:`UnsupportedMediaType` unless the body is declared ``application/json``.
+
+    A JSON route that took any body would accept a browser's ``text/plain``
+    "simple" request, which no preflight guards.
+    """
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            if value.split(b";", 1)[0].strip().lower() == b"application/json":
+                return
+            break
+    raise UnsupportedMediaType("the body must be sent as Content-Type: application/json")
 
 
 class BodyLimit:
@@ -157,6 +177,7 @@ class MessageValidation:
         try:
             validate_session_id(raw_id)
             if scope["method"] == "POST":
+                require_json(scope)
                 body = await read_body(receive)
                 if body is None:
                     return  # the client went away: nobody to answer

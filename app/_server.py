@@ -2,7 +2,9 @@
 
 Middleware, outer to inner (each refuses what it can before the next costs more):
 
-1. CORS: browsers may read ``Retry-After``, ``RateLimit*``, ``Idempotent-Replayed``.
+1. CORS, only for ``server.corsOrigins`` (default none): those pages may read ``Retry-After``,
+   ``RateLimit*``, ``Idempotent-Replayed``. Then :class:`~sessiongate.gateway._origin.CrossSiteGuard`:
+   a cross-site browser request that could change state is refused (403).
 2. :class:`~sessiongate.gateway._logging.RequestLog`: request id, one structured line per request.
 3. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
    500 ``internal-error`` problem (inside CORS and the log, so error answers
@@ -44,6 +46,7 @@ from ._auth import BearerAuth
 from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
 from ._context import Gateway
 from ._logging import RequestLog, configure_logging
+from ._origin import CrossSiteGuard
 from .routes import health, metrics, openapi, sessions, webchat
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
@@ -124,6 +127,19 @@ def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHan
     return {SessionGateError: typed_error, HTTPException: http_error}
 
 
+def cors(origins: list[str]) -> list[Middleware]:
+    """CORS for the configured origins only; none by default (the webchat page is same-origin)."""
+    if not origins:
+        return []
+    return [Middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+        expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
+    )]
+
+
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gateway for ``settings``; ``transport`` (tests) carries every outbound httpx call."""
     backend = open_backend(settings)
@@ -145,15 +161,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         routes=[*sessions.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
                 *channels.routes()],
         middleware=[
-            Middleware(
-                CORSMiddleware,
-                allow_origins=["*"],
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
-                expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
-            ),
+            *cors(settings.server.cors_origins),
             Middleware(RequestLog, session_of=logged_session_id),
             Middleware(ErrorBoundary, settings=settings),
+            Middleware(CrossSiteGuard, allowed_origins=settings.server.cors_origins),
             Middleware(BearerAuth, tokens=settings.auth.tokens),
             Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes),
             Middleware(MessageValidation),

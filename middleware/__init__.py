@@ -23,6 +23,7 @@ from ._errors import (
     SessionGateError,
     StorageFailed,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from ._gate import SessionGate, lane_of
 from ._ids import validate_session_id
@@ -53,6 +54,7 @@ __all__ = [
     "StorageFailed",
     "TranscriptStore",
     "Unauthorized",
+    "UnsupportedMediaType",
     "lane_of",
     "open_backend",
     "validate_session_id",

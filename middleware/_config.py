@@ -148,6 +148,9 @@ class ServerSettings(_Section):
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576)
     log_format: Literal["text", "json"] = "text"
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser (default: same origin only)"
+    )
 
 
 class TranscriptSettings(_Section):

@@ -180,6 +180,14 @@ class InvalidSessionId(InvalidRequest):
         self.session_id = None  # never echo an invalid id back as if it were one
 
 
+class UnsupportedMediaType(SessionGateError):
+    """A JSON route called with another ``Content-Type`` (e.g. a browser's ``text/plain`` "simple" request)."""
+
+    problem_type = "unsupported-media-type"
+    default_status = 415
+    title = "Unsupported media type"
+
+
 class PayloadTooLarge(SessionGateError):
     """The request body is over the configured limit."""
 

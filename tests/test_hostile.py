@@ -174,3 +174,32 @@ def test_a_failed_append_leaves_the_transcript_as_before_and_answers_storage_fai
     assert_problem(during, 507, "storage-failed")
     assert (retried.status_code, ready.status_code) == (200, 200)
     assert texts == ["kept", big["text"]]
+
+
+def test_a_page_on_another_site_can_neither_drive_nor_read_an_open_gateway(tmp_path: Path) -> None:
+    evil, friend = "https://evil.example", "https://friend.example"
+    config = {"server": {"corsOrigins": [friend]}}
+    with GatewayProcess(tmp_path / "data", config) as gateway, httpx.Client(timeout=10) as client:
+        url = messages_url(gateway.url, "victim")
+        simple = client.post(url, content='{"text": "from evil"}',  # a CORS "simple" request: no preflight
+                             headers={"Content-Type": "text/plain", "Origin": evil})
+        cross_site = client.post(url, json={"text": "from evil"},
+                                 headers={"Origin": evil, "Sec-Fetch-Site": "cross-site"})
+        old_browser = client.post(url, json={"text": "from evil"}, headers={"Origin": evil})
+        read = client.get(url, headers={"Origin": evil})
+        preflight = client.options(url, headers={"Origin": evil, "Access-Control-Request-Method": "POST"})
+        same_origin = client.post(url, json={"text": "webchat"},
+                                  headers={"Origin": gateway.url, "Sec-Fetch-Site": "same-origin"})
+        allowed = client.post(url, json={"text": "friend"}, headers={"Origin": friend, "Sec-Fetch-Site": "cross-site"})
+        script = client.post(url, json={"text": "curl"})  # no browser headers: an API client
+        not_json = client.post(url, content='{"text": "plain"}', headers={"Content-Type": "text/plain"})
+        texts = user_texts(gateway.url, "victim")
+    for refused in (simple, cross_site, old_browser):
+        assert refused.status_code in (403, 415), refused.text
+    assert_problem(cross_site, 403, "forbidden")
+    assert_problem(not_json, 415, "unsupported-media-type")
+    assert "access-control-allow-origin" not in read.headers
+    assert "access-control-allow-origin" not in preflight.headers
+    assert (same_origin.status_code, allowed.status_code, script.status_code) == (200, 200, 200)
+    assert allowed.headers["access-control-allow-origin"] == friend
+    assert texts == ["webchat", "friend", "curl"]

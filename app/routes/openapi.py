@@ -30,6 +30,8 @@ PROBLEM_TYPES = {
     "invalid-request": "malformed JSON, missing or wrong fields (400)",
     "invalid-session-id": "the session id is not 1-128 characters of [A-Za-z0-9._:@-] (400)",
     "payload-too-large": "the body is over server.maxBodyBytes (413)",
+    "unsupported-media-type": "a JSON route called with another Content-Type (415)",
+    "forbidden": "a browser request from another site to a state-changing route (403; see server.corsOrigins)",
     "unauthorized": "bad or missing bearer token, webhook secret or signature (401)",
     "all-providers-failed": "every provider failed with a provider error; detail lists each (502)",
     "backend-unavailable": "the lock backend cannot be reached (503)",
@@ -152,7 +154,9 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json("TurnReply", "the reply; user message and reply are in the transcript"),
                         **_SESSION_API_ERRORS,
+                        "403": _problem("forbidden: a cross-site browser request"),
                         "409": _problem("session-busy / idempotency-in-flight", retryable=True),
+                        "415": _problem("unsupported-media-type"),
                         "422": _problem("idempotency-key-reused"),
                         "429": _problem("rate-limited / queue-full (or session-busy with contention.status=429)",
                                         headers=_RATELIMIT_HEADERS),
