@@ -2,6 +2,9 @@
 
 Middleware, outer to inner (each refuses what it can before the next costs more):
 
+0. uvicorn's ``ProxyHeadersMiddleware``, only for ``server.trustedProxies``: the client
+   address behind them (``serve`` turns uvicorn's own, which trusts 127.0.0.1, off).
+
 1. CORS, only for ``server.corsOrigins`` (default none): those pages may read ``Retry-After``,
    ``RateLimit*``, ``Idempotent-Replayed``. Then :class:`~sessiongate.gateway._origin.CrossSiteGuard`:
    a cross-site browser request that could change state is refused (403).
@@ -21,6 +24,7 @@ Routes raise typed errors; the exception handlers answer them as problem+json,
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +39,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from sessiongate import SessionGate, SessionGateError, Settings, open_backend
 from sessiongate._gate import client_address
@@ -42,8 +47,8 @@ from sessiongate._ids import is_valid_session_id
 from sessiongate._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
 
 from . import channels
-from ._auth import BearerAuth
-from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
+from ._auth import BearerAuth, bearer_token
+from ._body import BodyLimit, MessageValidation, messages_path_session_id
 from ._context import Gateway
 from ._logging import RequestLog, configure_logging
 from ._origin import CrossSiteGuard
@@ -102,10 +107,24 @@ def message_session_key(scope: Scope) -> str | None:
     return messages_path_session_id(scope) if scope["method"] == "POST" else None
 
 
-def message_sender_key(scope: Scope) -> str | None:
-    """For ``rateLimits.perSender``: the message's ``sender``, else the client address."""
-    message = scope.get("state", {}).get(MESSAGE_STATE_KEY)
-    return message.sender if message is not None and message.sender else client_address(scope)
+def sender_key(settings: Settings) -> Callable[[Scope], str | None]:
+    """For ``rateLimits.perSender``: who the request provably comes from, never a name its body claims.
+
+    With ``auth.tokens`` the bearer token (checked by :class:`BearerAuth`
+    before the gate) names the sender, as a digest so no token reaches the
+    rate-limit storage; without, anyone may send any token, so the sender is
+    the client address (from ``X-Forwarded-For`` only behind ``server.trustedProxies``).
+    """
+    tokens_checked = bool(settings.auth.tokens)
+
+    def key(scope: Scope) -> str | None:
+        token = bearer_token(scope) if tokens_checked else None
+        if token is not None:
+            return "token:" + hashlib.sha256(token).hexdigest()[:32]
+        address = client_address(scope)
+        return None if address is None else "ip:" + address
+
+    return key
 
 
 def logged_session_id(scope: Scope) -> str | None:
@@ -125,6 +144,11 @@ def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHan
         return response
 
     return {SessionGateError: typed_error, HTTPException: http_error}
+
+
+def trusted_proxy_headers(proxies: list[str]) -> list[Middleware]:
+    """The client address (and scheme) from ``X-Forwarded-For`` / ``-Proto``, only when the peer is a trusted proxy."""
+    return [Middleware(ProxyHeadersMiddleware, trusted_hosts=proxies)] if proxies else []
 
 
 def cors(origins: list[str]) -> list[Middleware]:
@@ -161,6 +185,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         routes=[*sessions.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
                 *channels.routes()],
         middleware=[
+            *trusted_proxy_headers(settings.server.trusted_proxies),
             *cors(settings.server.cors_origins),
             Middleware(RequestLog, session_of=logged_session_id),
             Middleware(ErrorBoundary, settings=settings),
@@ -170,7 +195,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             Middleware(MessageValidation),
             Middleware(
                 SessionGate, settings=settings, backend=backend,
-                session_key=message_session_key, sender_key=message_sender_key,
+                session_key=message_session_key, sender_key=sender_key(settings),
             ),
         ],
         exception_handlers=exception_handlers(settings),

@@ -10,6 +10,7 @@ where its value came from.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -151,6 +152,25 @@ class ServerSettings(_Section):
     cors_origins: list[str] = Field(
         default_factory=list, description="origins allowed to call the API from a browser (default: same origin only)"
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or networks whose X-Forwarded-For names the client"
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _comma_separated(cls, proxies: object) -> object:
+        """Also ``"10.0.0.1, 10.1.0.0/16"``: the form proxy settings usually take in an environment."""
+        return [part.strip() for part in proxies.split(",") if part.strip()] if isinstance(proxies, str) else proxies
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses_or_networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network (CIDR)") from None
+        return proxies
 
 
 class TranscriptSettings(_Section):

@@ -203,3 +203,26 @@ def test_a_page_on_another_site_can_neither_drive_nor_read_an_open_gateway(tmp_p
     assert (same_origin.status_code, allowed.status_code, script.status_code) == (200, 200, 200)
     assert allowed.headers["access-control-allow-origin"] == friend
     assert texts == ["webchat", "friend", "curl"]
+
+
+def test_per_sender_limits_whoever_provably_sends_behind_a_trusted_proxy_or_not(tmp_path: Path) -> None:
+    limits = {"perSession": None, "perSender": "2/minute"}
+    behind_proxy = {"rateLimits": limits, "server": {"trustedProxies": ["127.0.0.1/32"]}}
+    exposed = {"rateLimits": limits}  # the peer (this test, 127.0.0.1) is nobody's proxy
+
+    def statuses(url: str, sends: list[tuple[str | None, str]]) -> list[int]:
+        answers = []
+        for number, (forwarded_for, sender) in enumerate(sends):
+            headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+            answer = httpx.post(messages_url(url, f"s{number}"), json={"text": "hi", "sender": sender},
+                                headers=headers, timeout=10)
+            answers.append(answer.status_code)
+        return answers
+
+    with GatewayProcess(tmp_path / "a", behind_proxy) as proxied, GatewayProcess(tmp_path / "b", exposed) as direct:
+        # two users behind the proxy: a bucket each; naming another sender in the body changes nothing
+        assert statuses(proxied.url, [("203.0.113.1", "ann"), ("203.0.113.1", "bob"), ("203.0.113.1", "cy"),
+                                      ("203.0.113.2", "ann"), ("203.0.113.2", "ann")]) == [200, 200, 429, 200, 200]
+        # an untrusted peer's X-Forwarded-For and body sender are ignored: one client, one bucket
+        assert statuses(direct.url, [("203.0.113.1", "a"), ("203.0.113.2", "b"), ("203.0.113.3", "c"),
+                                     (None, "d")]) == [200, 200, 429, 429]

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             http=BoundedHttpToolsProtocol,  # httptools with a bounded request head (size, count, time)
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             timeout_keep_alive=HEAD_TIMEOUT_S,
+            proxy_headers=False,  # it would trust X-Forwarded-For from 127.0.0.1; the app trusts server.trustedProxies
         )
     finally:
         if metrics_dir is not None:
