@@ -28,7 +28,7 @@ import anyio.to_thread
 from ._backend import Backend
 from ._config import Settings
 from ._errors import FencedOut, SessionBusy, SessionGateError, StorageFailed
-from ._ids import file_stem, session_id_from_stem
+from ._ids import HASHED_MARK, existing_file, session_id_from_stem
 from ._metrics import FENCING_REFUSALS
 from ._write_lock import WriteLockHold
 
@@ -36,6 +36,7 @@ logger = logging.getLogger("sessiongate.store")
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _SUFFIX = ".jsonl"
+_ID_SUFFIX = ".id"  # beside a transcript whose name is hashed (a long id): the id, for the operator CLI
 _TAIL_CHUNK = 65_536
 UNHEALTHY_AFTER_FAILURE_S = 30.0  # /readyz reports a failed append this long, unless one succeeds sooner
 
@@ -57,7 +58,7 @@ class TranscriptStore:
 
     def path_for(self, session_id: str) -> Path:
         """The transcript path of a session; raises InvalidSessionId for a bad id."""
-        path = self.sessions_dir / f"{file_stem(session_id)}{_SUFFIX}"
+        path = existing_file(self.sessions_dir, session_id, _SUFFIX)
         if Path(os.path.realpath(path)).parent != self.sessions_dir:
             raise SessionGateError(f"transcript of {session_id!r} resolves outside {self.sessions_dir}")
         return path
@@ -89,12 +90,16 @@ class TranscriptStore:
         return stored
 
     def session_ids(self) -> list[str]:
-        """Every session that has a transcript, sorted."""
-        return sorted(
-            session_id_from_stem(name[: -len(_SUFFIX)])
-            for name in os.listdir(self.sessions_dir)
-            if name.endswith(_SUFFIX)
-        )
+        """Every session that has a transcript, sorted (a hashed name's id is read from beside it)."""
+        found = []
+        for name in os.listdir(self.sessions_dir):
+            if name.endswith(_SUFFIX):
+                stem = name[: -len(_SUFFIX)]
+                session_id = session_id_from_stem(stem)
+                if session_id is None:
+                    session_id = (self.sessions_dir / f"{stem}{_ID_SUFFIX}").read_text(encoding="utf-8")
+                found.append(session_id)
+        return sorted(found)
 
 
 
@@ -138,6 +143,8 @@ class LockedTranscript:
         before: int | None = None  # the length to go back to if the append fails part-way
         try:
             size = os.fstat(fd).st_size
+            if size == 0 and HASHED_MARK in self.path.name:
+                _keep_id_beside(self.path, self.session_id)
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 _set_aside_torn_tail(fd, self.path, size)
             before = os.fstat(fd).st_size
@@ -229,6 +236,16 @@ def _last_line_end(fd: int, size: int) -> int:
             return start + newline + 1
         end = start
     return 0
+
+
+def _keep_id_beside(path: Path, session_id: str) -> None:
+    """Write ``<stem>.id`` for a transcript whose name cannot be turned back into its session id."""
+    id_path = path.with_name(path.name[: -len(_SUFFIX)] + _ID_SUFFIX)
+    fd = os.open(id_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_FLAGS, 0o600)
+    try:
+        _write_all(fd, session_id.encode())
+    finally:
+        os.close(fd)
 
 
 def _truncate_back(fd: int, path: Path, length: int) -> None:

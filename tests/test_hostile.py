@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, wait_until
+from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, run_cli, wait_until
 
 
 def test_a_server_fault_shows_the_request_id_and_logs_the_path(tmp_path: Path) -> None:
@@ -226,3 +226,23 @@ def test_per_sender_limits_whoever_provably_sends_behind_a_trusted_proxy_or_not(
         # an untrusted peer's X-Forwarded-For and body sender are ignored: one client, one bucket
         assert statuses(direct.url, [("203.0.113.1", "a"), ("203.0.113.2", "b"), ("203.0.113.3", "c"),
                                      (None, "d")]) == [200, 200, 429, 429]
+
+
+def test_every_valid_id_works_long_or_differing_only_in_case_and_old_names_stay_readable(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "sessions").mkdir(parents=True)
+    old = '{"id":"o1","role":"user","text":"from before","at":"2026-01-01T00:00:00.000Z","fence":null}\n'
+    (data / "sessions" / "Legacy.jsonl").write_text(old)  # the name an upper-case id had before case-safe names
+    long_id = "u@x:" * 32  # 128 valid characters, 352 once escaped
+    with GatewayProcess(data) as gateway, httpx.Client(timeout=10) as client:
+        for session_id in (long_id, "Chat", "chat", "Legacy"):
+            answer = client.post(messages_url(gateway.url, session_id), json={"text": f"to {session_id}"})
+            assert answer.status_code == 200, answer.text[:300]
+        texts = {session_id: user_texts(gateway.url, session_id) for session_id in (long_id, "Chat", "chat", "Legacy")}
+    assert texts == {long_id: [f"to {long_id}"], "Chat": ["to Chat"], "chat": ["to chat"],
+                     "Legacy": ["from before", "to Legacy"]}
+    names = [path.name for path in (data / "sessions").iterdir()]
+    assert max(len(name.encode()) for name in names) < 255
+    assert len({name.lower() for name in names}) == len(names)  # no two files a case-insensitive disk would merge
+    doctor = run_cli("doctor", "--data-dir", str(data))  # the operator CLI finds every session by its id
+    assert "transcripts: 4 sessions, 9 records, all parse" in doctor.stdout, doctor.stdout + doctor.stderr

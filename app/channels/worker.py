@@ -51,7 +51,7 @@ from sessiongate.gateway._body import json_object
 from sessiongate.gateway._logging import SESSION_ID
 from sessiongate.gateway._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
 from sessiongate import LaneGrant, RetryableError, SessionBusy, SessionGateError
-from sessiongate._ids import file_stem
+from sessiongate._ids import existing_file
 
 if TYPE_CHECKING:
     from sessiongate.gateway._context import Gateway
@@ -489,7 +489,7 @@ class DeliveryCursors:
         write_durably(self._path(session_id), state)
 
     def _path(self, session_id: str) -> Path:
-        return self.directory / f"{file_stem(session_id)}.json"
+        return existing_file(self.directory, session_id, ".json")
 
 
 def write_durably(path: Path, value: dict[str, Any]) -> None:
