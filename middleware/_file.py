@@ -348,10 +348,15 @@ class FileStorage(LeaseStorage):
             {"pid": os.getpid(), "host": THIS_HOST, "processStartedAt": _this_process_started_at()}
         )[1:-1]
 
+    @staticmethod
+    def root(settings: Settings) -> Path:
+        """The folder of ``locks/`` and ``records/``: ``file:///path``, else the data dir."""
+        return Path(settings.backend.url.split("://", 1)[1] or settings.data_dir)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> FileStorage:
-        root = settings.backend.url.split("://", 1)[1] or settings.data_dir
-        return cls(Path(root) / "locks", Path(root) / "records")
+        root = cls.root(settings)
+        return cls(root / "locks", root / "records")
 
     # -- paths -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ control characters stay out of the log, and the other refusals below.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import select
@@ -246,3 +247,26 @@ def test_every_valid_id_works_long_or_differing_only_in_case_and_old_names_stay_
     assert len({name.lower() for name in names}) == len(names)  # no two files a case-insensitive disk would merge
     doctor = run_cli("doctor", "--data-dir", str(data))  # the operator CLI finds every session by its id
     assert "transcripts: 4 sessions, 9 records, all parse" in doctor.stdout, doctor.stdout + doctor.stderr
+
+
+def test_the_operator_commands_say_when_they_look_at_a_data_dir_where_nothing_ran(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    listed = run_cli("locks", "list", "--data-dir", str(missing))
+    checked = run_cli("doctor", "--data-dir", str(missing))
+    assert listed.returncode != 0 and "no data dir" in listed.stderr, listed.stdout + listed.stderr
+    assert checked.returncode != 0 and "fail  data dir" in checked.stdout, checked.stdout
+    assert "no locks held" not in listed.stdout + checked.stdout
+    assert not missing.exists()  # neither made an empty one
+
+
+def test_doctor_warns_when_channels_are_on_and_the_sessions_api_is_open_to_the_network(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    channels = {"telegram": {"secretToken": "s3cret"}}
+    for config, level in (({"channels": channels, "server": {"host": "0.0.0.0"}}, "warn"),
+                          ({"channels": channels, "server": {"host": "0.0.0.0"}, "auth": {"tokens": ["t"]}}, "ok"),
+                          ({"channels": channels, "server": {"host": "127.0.0.1"}}, "ok")):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        result = run_cli("doctor", "--config", str(path), "--data-dir", str(tmp_path / "data"))
+        (auth,) = [line for line in result.stdout.splitlines() if line[6:].startswith("auth:")]
+        assert auth.startswith(level), auth

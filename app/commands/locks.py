@@ -11,7 +11,8 @@ live gateway took over meanwhile, is left alone.
 
 Exit codes: 0 ok (``list``/``inspect``: no dead or stale holder; ``clean``:
 done), 1 dead or stale holders present (``list``/``inspect``), 2 bad config or
-usage, 3 lock backend unreachable.
+usage, or no data dir where the file backend keeps its locks (nothing has run
+there: "no locks held" would be about nothing), 3 lock backend unreachable.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sessiongate import (
     open_backend,
     validate_session_id,
 )
+from sessiongate._file import FileStorage
 from sessiongate._storage import Holder, HolderState, LeaseKind, LeaseStorage
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE, load_settings, settings_options
@@ -150,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
             validate_session_id(args.session)
     except (ConfigError, InvalidSessionId) as exc:
         print(f"sessiongate locks: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.backend.url.startswith("file://") and not FileStorage.root(settings).is_dir():
+        # opening the backend would create an empty one here, and "no locks held" would be about nothing
+        print(f"sessiongate locks: no data dir at {FileStorage.root(settings).resolve()}: nothing has run here "
+              "(run where the gateway runs, or pass --data-dir)", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(_with_backend(action, args, settings))
 

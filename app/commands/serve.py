@@ -12,6 +12,7 @@ before the workers (fresh interpreters) import anything.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ import uvicorn
 
 from sessiongate import ConfigError, Settings
 
+from .._auth import open_api_warning
 from .._http import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
 from .._logging import configure_logging
 from .._server import SETTINGS_ENV
@@ -55,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"sessiongate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.server.log_format)
+    if (warning := open_api_warning(settings)) is not None:
+        logging.getLogger("sessiongate.serve").warning(warning)
     os.environ[SETTINGS_ENV] = settings.model_dump_json(by_alias=True)
     metrics_dir = multiprocess_metrics_dir(settings) if settings.server.workers > 1 else None
     try:
