@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sessiongate import Settings, Unauthorized
-from sessiongate._problem import problem_response
+from sessiongate import Unauthorized, problem_response
+
+from .settings import GatewaySettings
 
 PROTECTED_PREFIX = "/v1/sessions"
 
@@ -41,7 +42,7 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def open_api_warning(settings: Settings) -> str | None:
+def open_api_warning(settings: GatewaySettings) -> str | None:
     """What an open sessions API exposes when channels are on beyond loopback (for ``serve`` and ``doctor``)."""
     channels = [name for name in ("telegram", "slack") if getattr(settings.channels, name) is not None]
     if not channels or settings.auth.tokens or is_loopback(settings.server.host):

@@ -25,8 +25,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sessiongate import SessionGateError
-from sessiongate._problem import send_problem
+from sessiongate import SessionGateError, send_problem
 
 __all__ = ["CrossSiteGuard", "CrossSiteRefused", "SAFE_METHODS"]
 

@@ -4,7 +4,6 @@ Middleware, outer to inner (each refuses what it can before the next costs more)
 
 0. uvicorn's ``ProxyHeadersMiddleware``, only for ``server.trustedProxies``: the client
    address behind them (``serve`` turns uvicorn's own, which trusts 127.0.0.1, off).
-
 1. CORS, only for ``server.corsOrigins`` (default none): those pages may read ``Retry-After``,
    ``RateLimit*``, ``Idempotent-Replayed``. Then :class:`~sessiongate.gateway._origin.CrossSiteGuard`:
    a cross-site browser request that could change state is refused (403).
@@ -14,9 +13,9 @@ Middleware, outer to inner (each refuses what it can before the next costs more)
    carry CORS headers and are logged with their status and request id).
 4. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
 5. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
-6. :class:`~sessiongate.gateway._body.MessageValidation`: session id and message body (400).
-7. :class:`sessiongate.SessionGate`: rate limits, Idempotency-Key, the session's
-   lane, for ``POST /v1/sessions/{id}/messages`` only.
+6. :class:`sessiongate.SessionGate`: for ``POST /v1/sessions/{id}/messages``
+   only, the session id and body (400, parsed once by the gate's body hook),
+   rate limits, Idempotency-Key, the session's lane.
 
 Routes raise typed errors; the exception handlers answer them as problem+json,
 404 and 405 included.
@@ -41,18 +40,25 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from sessiongate import SessionGate, SessionGateError, Settings, open_backend
-from sessiongate._gate import client_address
-from sessiongate._ids import is_valid_session_id
-from sessiongate._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
+from sessiongate import (
+    EXPOSED_HEADERS,
+    SessionGate,
+    SessionGateError,
+    client_address,
+    open_backend,
+    problem_response,
+    problem_status,
+    send_problem,
+)
 
 from . import channels
 from ._auth import BearerAuth, bearer_token
-from ._body import BodyLimit, MessageValidation, messages_path_session_id
+from ._body import BodyLimit, gated_body_parser, gated_session_key
 from ._context import Gateway
 from ._logging import RequestLog, configure_logging
 from ._origin import CrossSiteGuard
 from .routes import health, metrics, openapi, sessions, webchat
+from .settings import GatewaySettings
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
 log = logging.getLogger("sessiongate.server")
@@ -64,15 +70,15 @@ class HttpProblem(SessionGateError):
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
-        self.default_status = status
-        self.problem_type = HTTPStatus(status).phrase.lower().replace(" ", "-")
-        self.title = HTTPStatus(status).phrase
+        self.default_status = status  # type: ignore[misc]  # the router's status, per instance
+        self.problem_type = HTTPStatus(status).phrase.lower().replace(" ", "-")  # type: ignore[misc]
+        self.title = HTTPStatus(status).phrase  # type: ignore[misc]
 
 
 class ErrorBoundary:
     """ASGI middleware: typed errors become their problem; anything else a logged 500 ``internal-error``."""
 
-    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, *, settings: GatewaySettings) -> None:
         self.app = app
         self.settings = settings
 
@@ -102,12 +108,7 @@ class ErrorBoundary:
             await send_problem(send, error, problem_status(error, self.settings))
 
 
-def message_session_key(scope: Scope) -> str | None:
-    """SessionGate's key: the session of ``POST /v1/sessions/{id}/messages``, ``None`` for the rest."""
-    return messages_path_session_id(scope) if scope["method"] == "POST" else None
-
-
-def sender_key(settings: Settings) -> Callable[[Scope], str | None]:
+def sender_key(settings: GatewaySettings) -> Callable[[Scope], str | None]:
     """For ``rateLimits.perSender``: who the request provably comes from, never a name its body claims.
 
     With ``auth.tokens`` the bearer token (checked by :class:`BearerAuth`
@@ -127,12 +128,7 @@ def sender_key(settings: Settings) -> Callable[[Scope], str | None]:
     return key
 
 
-def logged_session_id(scope: Scope) -> str | None:
-    session_id = messages_path_session_id(scope)
-    return session_id if session_id is not None and is_valid_session_id(session_id) else None
-
-
-def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHandler]:
+def exception_handlers(settings: GatewaySettings) -> dict[type[Exception], ExceptionHandler]:
     async def typed_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, SessionGateError)  # a 5xx detail is logged, not sent (sessiongate._problem)
         return problem_response(error, problem_status(error, settings))
@@ -164,7 +160,7 @@ def cors(origins: list[str]) -> list[Middleware]:
     )]
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gateway for ``settings``; ``transport`` (tests) carries every outbound httpx call."""
     backend = open_backend(settings)
 
@@ -173,10 +169,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         gateway = Gateway.open(settings, backend, transport=transport)
         app.state.gateway = gateway
         try:
-            await channels.start(gateway)
+            gateway.channels.start()  # resumes what a previous run left: spooled, unreplied, undelivered
             yield
         finally:
-            await channels.stop(gateway)
+            await gateway.channels.aclose()  # unfinished work stays in the transcripts for the next start
             await gateway.aclose()
             await backend.aclose()
             metrics.forget_this_process()
@@ -187,15 +183,15 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         middleware=[
             *trusted_proxy_headers(settings.server.trusted_proxies),
             *cors(settings.server.cors_origins),
-            Middleware(RequestLog, session_of=logged_session_id),
+            Middleware(RequestLog),
             Middleware(ErrorBoundary, settings=settings),
             Middleware(CrossSiteGuard, allowed_origins=settings.server.cors_origins),
             Middleware(BearerAuth, tokens=settings.auth.tokens),
             Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes),
-            Middleware(MessageValidation),
             Middleware(
                 SessionGate, settings=settings, backend=backend,
-                session_key=message_session_key, sender_key=sender_key(settings),
+                session_key=gated_session_key, sender_key=sender_key(settings), body_parser=gated_body_parser,
+                max_body_bytes=settings.server.max_body_bytes,
             ),
         ],
         exception_handlers=exception_handlers(settings),
@@ -205,6 +201,6 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
 
 def app_from_environment() -> Starlette:
     """uvicorn's factory (``sessiongate.gateway._server:app_from_environment``): the settings ``serve`` resolved, per worker."""
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    settings = GatewaySettings.model_validate_json(os.environ[SETTINGS_ENV])
     configure_logging(settings.server.log_format)
     return create_app(settings)

@@ -10,13 +10,12 @@ where its value came from.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import limits
 from pydantic import (
@@ -25,17 +24,30 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from ._errors import ConfigError
 
+__all__ = [
+    "BackendSettings",
+    "CONFIG_PATH_ENV",
+    "ContentionSettings",
+    "IdempotencySettings",
+    "LaneSettings",
+    "RateLimitSettings",
+    "SessionWriteLockSettings",
+    "Settings",
+    "SettingsSection",
+    "TranscriptSettings",
+    "storage_scheme",
+]
+
 ENV_PREFIX = "SESSIONGATE_"
 CONFIG_PATH_ENV = "SESSIONGATE_CONFIG"
 
 
-class _Section(BaseModel):
+class SettingsSection(BaseModel):
     """Common model behaviour: camelCase keys, unknown keys refused, no coercion of bool/str mixups."""
 
     model_config = ConfigDict(
@@ -46,7 +58,7 @@ class _Section(BaseModel):
     )
 
 
-class SessionWriteLockSettings(_Section):
+class SessionWriteLockSettings(SettingsSection):
     timeout_ms: int = Field(2_000, ge=0, le=600_000, description="longest wait for the write lock")
     stale_ms: int = Field(
         30_000,
@@ -56,7 +68,7 @@ class SessionWriteLockSettings(_Section):
     )
 
 
-class LaneSettings(_Section):
+class LaneSettings(SettingsSection):
     mode: Literal["reject", "queue"] = "reject"
     max_wait_ms: int = Field(0, ge=0, le=600_000, description="0 is a non-blocking try")
     queue_cap: int = Field(8, ge=1, le=10_000)
@@ -65,11 +77,11 @@ class LaneSettings(_Section):
     )
 
 
-class ContentionSettings(_Section):
+class ContentionSettings(SettingsSection):
     status: Literal[409, 429] = 409
 
 
-class RateLimitSettings(_Section):
+class RateLimitSettings(SettingsSection):
     per_session: str | None = "60/minute"
     per_sender: str | None = "120/minute"
 
@@ -94,7 +106,7 @@ def storage_scheme(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else ""
 
 
-class BackendSettings(_Section):
+class BackendSettings(SettingsSection):
     url: str = "file://"
     key_prefix: str = Field("sessiongate", min_length=1, max_length=64)
 
@@ -106,83 +118,21 @@ class BackendSettings(_Section):
         return value
 
 
-class ProviderSettings(_Section):
-    id: str = Field(min_length=1, max_length=64)
-    type: Literal["echo", "openai"]
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = None
-    timeout_ms: int = Field(30_000, ge=1, le=600_000)
-    delay_ms: int = Field(0, ge=0, le=600_000, description="echo only: simulated model time")
-
-    @model_validator(mode="after")
-    def _openai_needs_base_url(self) -> ProviderSettings:
-        if self.type == "openai" and not self.base_url:
-            raise ValueError("an openai provider needs baseUrl")
-        return self
-
-
-class TelegramSettings(_Section):
-    secret_token: str | None = None
-    bot_token_env: str = "TELEGRAM_BOT_TOKEN"
-    api_base: str = "https://api.telegram.org"
-
-
-class SlackSettings(_Section):
-    signing_secret_env: str = "SLACK_SIGNING_SECRET"
-    bot_token_env: str = "SLACK_BOT_TOKEN"
-    api_base: str = "https://slack.com/api"
-
-
-class ChannelSettings(_Section):
-    telegram: TelegramSettings | None = None
-    slack: SlackSettings | None = None
-
-
-class AuthSettings(_Section):
-    tokens: list[str] = Field(default_factory=list)
-
-
-class ServerSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8787, ge=0, le=65_535)
-    workers: int = Field(1, ge=1, le=64)
-    max_body_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576)
-    log_format: Literal["text", "json"] = "text"
-    cors_origins: list[str] = Field(
-        default_factory=list, description="origins allowed to call the API from a browser (default: same origin only)"
-    )
-    trusted_proxies: list[str] = Field(
-        default_factory=list, description="addresses or networks whose X-Forwarded-For names the client"
-    )
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _comma_separated(cls, proxies: object) -> object:
-        """Also ``"10.0.0.1, 10.1.0.0/16"``: the form proxy settings usually take in an environment."""
-        return [part.strip() for part in proxies.split(",") if part.strip()] if isinstance(proxies, str) else proxies
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _addresses_or_networks(cls, proxies: list[str]) -> list[str]:
-        for proxy in proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise ValueError(f"{proxy!r} is not an IP address or network (CIDR)") from None
-        return proxies
-
-
-class TranscriptSettings(_Section):
+class TranscriptSettings(SettingsSection):
     fsync: Literal["always", "never"] = "always"
 
 
-class IdempotencySettings(_Section):
+class IdempotencySettings(SettingsSection):
     ttl_ms: int = Field(86_400_000, ge=1_000, le=30 * 86_400_000)
 
 
-class Settings(_Section):
-    """The whole configuration. ``Settings()`` is the embedded default: it runs as is."""
+class Settings(SettingsSection):
+    """The session layer's configuration. ``Settings()`` is the embedded default: it runs as is.
+
+    An application adds its own sections by subclassing (the gateway's
+    ``GatewaySettings`` adds providers, channels, auth and server); loading,
+    environment names and error messages are inherited unchanged.
+    """
 
     data_dir: Path = Path("./data")
     session_write_lock: SessionWriteLockSettings = SessionWriteLockSettings()
@@ -190,26 +140,17 @@ class Settings(_Section):
     contention: ContentionSettings = ContentionSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     backend: BackendSettings = BackendSettings()
-    providers: list[ProviderSettings] = Field(
-        default_factory=lambda: [ProviderSettings(id="echo", type="echo")], min_length=1
-    )
-    channels: ChannelSettings = ChannelSettings()
-    auth: AuthSettings = AuthSettings()
-    server: ServerSettings = ServerSettings()
     transcript: TranscriptSettings = TranscriptSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
-
-    @field_validator("providers")
-    @classmethod
-    def _unique_provider_ids(cls, providers: list[ProviderSettings]) -> list[ProviderSettings]:
-        ids = [p.id for p in providers]
-        if len(ids) != len(set(ids)):
-            raise ValueError(f"provider ids must be unique, got {ids}")
-        return providers
 
     @property
     def sessions_dir(self) -> Path:
         return self.data_dir / "sessions"
+
+    @property
+    def file_storage_root(self) -> Path:
+        """Where the file backend keeps ``locks/`` and ``records/``: ``file:///path``, else the data dir."""
+        return Path(self.backend.url.split("://", 1)[1] or self.data_dir)
 
     @classmethod
     def load(
@@ -218,7 +159,7 @@ class Settings(_Section):
         *,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
-    ) -> Settings:
+    ) -> Self:
         """Build settings from file (``path`` or ``$SESSIONGATE_CONFIG``), environment and CLI overrides.
 
         ``overrides`` uses camelCase keys (``{"dataDir": "/x", "server": {"port": 1}}``).

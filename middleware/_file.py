@@ -48,6 +48,7 @@ from ._config import Settings
 from ._errors import BackendUnavailable, SessionGateError
 from ._ids import file_stem
 from ._storage import (
+    THIS_HOST,
     Holder,
     HolderState,
     LeaseKind,
@@ -55,7 +56,6 @@ from ._storage import (
     RecordStorage,
     StoredLease,
     Ticket,
-    THIS_HOST,
     _this_process_started_at,
 )
 from ._waiting import Backoff
@@ -348,14 +348,9 @@ class FileStorage(LeaseStorage):
             {"pid": os.getpid(), "host": THIS_HOST, "processStartedAt": _this_process_started_at()}
         )[1:-1]
 
-    @staticmethod
-    def root(settings: Settings) -> Path:
-        """The folder of ``locks/`` and ``records/``: ``file:///path``, else the data dir."""
-        return Path(settings.backend.url.split("://", 1)[1] or settings.data_dir)
-
     @classmethod
     def from_settings(cls, settings: Settings) -> FileStorage:
-        root = cls.root(settings)
+        root = settings.file_storage_root
         return cls(root / "locks", root / "records")
 
     # -- paths -----------------------------------------------------------------------------

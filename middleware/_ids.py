@@ -29,6 +29,7 @@ from ._errors import InvalidSessionId
 __all__ = [
     "HASHED_MARK",
     "MAX_STEM",
+    "SESSION_ID_PATTERN",
     "existing_file",
     "file_stem",
     "is_valid_session_id",
@@ -36,7 +37,7 @@ __all__ = [
     "validate_session_id",
 ]
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _UNSAFE_IN_FILE_NAME = re.compile(r"[^a-z0-9._-]|^\.")
 _UNSAFE_BEFORE_CASE_SAFE_NAMES = re.compile(r"[^A-Za-z0-9._-]|^\.")
 MAX_STEM = 160
@@ -49,7 +50,7 @@ def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is a valid session id, else raise ``InvalidSessionId``."""
     if (
         not isinstance(session_id, str)
-        or not _SESSION_ID.fullmatch(session_id)
+        or not SESSION_ID_PATTERN.fullmatch(session_id)
         or session_id in (".", "..")
     ):
         raise InvalidSessionId(str(session_id))

@@ -62,13 +62,15 @@ def _storage_for(settings: Settings) -> Storage:
         return LazyMemoryStorage()
     from ._redis import CONNECTION_OPTIONS  # short timeouts + one reconnect: survives a Redis restart
 
-    return storage_from_string(
+    storage = storage_from_string(
         "async+" + settings.backend.url,
         implementation="redispy",
         key_prefix=f"{settings.backend.key_prefix}:ratelimit",
         wrap_exceptions=True,
         **CONNECTION_OPTIONS,
     )
+    assert isinstance(storage, Storage)  # an "async+" URL gives limits' async storage
+    return storage
 
 
 def _unavailable(error: StorageError) -> BackendUnavailable:
@@ -125,4 +127,4 @@ class RateLimits:
     async def aclose(self) -> None:
         """Drop the Redis connection pool, if any."""
         if isinstance(self._storage, RedisStorage):
-            await self._storage.bridge.storage.aclose()
+            await self._storage.bridge.storage.aclose()  # type: ignore[attr-defined]  # redis-py bridge's client

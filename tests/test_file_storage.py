@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sessiongate._errors import BackendUnavailable
 from sessiongate import _file
+from sessiongate._errors import BackendUnavailable
 from sessiongate._file import FileRecords, FileStorage, LockPathAttack
 from sessiongate._storage import HolderState, LeaseKind
 from tests.support import wait_until

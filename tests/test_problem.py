@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sessiongate._config import Settings
+from sessiongate import Settings
 from sessiongate._errors import (
     BackendUnavailable,
     IdempotencyInFlight,
@@ -24,9 +24,9 @@ from sessiongate._errors import (
 from sessiongate._problem import (
     problem_body,
     problem_json,
-    public_detail,
     problem_response,
     problem_status,
+    public_detail,
     render_problem,
     retry_after_seconds,
     send_problem,

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from sessiongate._config import Settings
+from sessiongate import Settings
 from sessiongate._errors import BackendUnavailable
 from sessiongate._redis import RedisStorage
 from sessiongate._storage import Holder, HolderState, LeaseKind
@@ -54,7 +54,7 @@ async def other(redis_url: str) -> AsyncIterator[RedisStorage]:
 HOLDER_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from sessiongate._config import Settings
+    from sessiongate import Settings
     from sessiongate._redis import RedisStorage
     from sessiongate._storage import LeaseKind
 

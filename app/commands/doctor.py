@@ -25,11 +25,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessiongate import Backend, BackendUnavailable, ConfigError, Settings, TranscriptStore, open_backend
-from sessiongate._config import CONFIG_PATH_ENV
-from sessiongate._storage import HolderState
+from sessiongate import (
+    CONFIG_PATH_ENV,
+    Backend,
+    BackendUnavailable,
+    ConfigError,
+    HolderState,
+    TranscriptStore,
+    open_backend,
+)
 
 from .._auth import open_api_warning
+from ..settings import GatewaySettings
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
 from .locks import holder_views, transcript_info
 
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if failed else EXIT_OK
 
 
-async def _checks(settings: Settings, config_path: str | None) -> list[Check]:
+async def _checks(settings: GatewaySettings, config_path: str | None) -> list[Check]:
     source = f"file {config_path}" if config_path else "defaults"
     checks = [Check(Level.OK, "config", f"valid ({source} + environment)"), _data_dir(settings)]
     data_dir_usable = checks[-1].level is not Level.FAIL
@@ -93,7 +100,7 @@ async def _checks(settings: Settings, config_path: str | None) -> list[Check]:
     return checks
 
 
-def _api_exposure(settings: Settings) -> Check:
+def _api_exposure(settings: GatewaySettings) -> Check:
     warning = open_api_warning(settings)
     if warning is not None:
         return Check(Level.WARN, "auth", warning)
@@ -101,7 +108,7 @@ def _api_exposure(settings: Settings) -> Check:
     return Check(Level.OK, "auth", f"sessions API {open_to} on {settings.server.host}")
 
 
-def _data_dir(settings: Settings) -> Check:
+def _data_dir(settings: GatewaySettings) -> Check:
     data_dir = Path(settings.data_dir).resolve()
     if not data_dir.is_dir():
         return Check(Level.FAIL, "data dir", f"{data_dir} does not exist: nothing has run here "
@@ -116,7 +123,7 @@ def _data_dir(settings: Settings) -> Check:
     return Check(Level.OK, "data dir", f"{data_dir} writable")
 
 
-async def _backend_reachable(settings: Settings, backend: Backend) -> Check:
+async def _backend_reachable(settings: GatewaySettings, backend: Backend) -> Check:
     started = time.monotonic()
     try:
         await asyncio.wait_for(backend.ping(), PING_TIMEOUT_S)
@@ -126,7 +133,7 @@ async def _backend_reachable(settings: Settings, backend: Backend) -> Check:
     return Check(Level.OK, "backend", f"{settings.backend.url} reachable ({(time.monotonic() - started) * 1000:.0f} ms)")
 
 
-async def _lock_states(settings: Settings, backend: Backend) -> Check:
+async def _lock_states(settings: GatewaySettings, backend: Backend) -> Check:
     views = await holder_views(backend.storage, settings)
     counts = Counter(view.state for view in views)
     summary = ", ".join(f"{counts[state]} {state.value}" for state in HolderState if counts[state]) or "none held"
@@ -153,7 +160,7 @@ def _some(paths: list[str], shown: int = 3) -> str:
     return ", ".join(paths[:shown]) + more
 
 
-def _providers(settings: Settings) -> Iterator[Check]:
+def _providers(settings: GatewaySettings) -> Iterator[Check]:
     for provider in settings.providers:
         if provider.api_key_env and not os.environ.get(provider.api_key_env):
             yield Check(Level.WARN, "provider", f"{provider.id} ({provider.type}): ${provider.api_key_env} is not set")

@@ -30,14 +30,16 @@ from sessiongate import (
     Backend,
     BackendUnavailable,
     ConfigError,
+    Holder,
+    HolderState,
     InvalidSessionId,
+    LeaseKind,
+    LeaseStorage,
     Settings,
     TranscriptStore,
     open_backend,
     validate_session_id,
 )
-from sessiongate._file import FileStorage
-from sessiongate._storage import Holder, HolderState, LeaseKind, LeaseStorage
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE, load_settings, settings_options
 
@@ -153,9 +155,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, InvalidSessionId) as exc:
         print(f"sessiongate locks: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if settings.backend.url.startswith("file://") and not FileStorage.root(settings).is_dir():
+    if settings.backend.url.startswith("file://") and not settings.file_storage_root.is_dir():
         # opening the backend would create an empty one here, and "no locks held" would be about nothing
-        print(f"sessiongate locks: no data dir at {FileStorage.root(settings).resolve()}: nothing has run here "
+        print(f"sessiongate locks: no data dir at {settings.file_storage_root.resolve()}: nothing has run here "
               "(run where the gateway runs, or pass --data-dir)", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(_with_backend(action, args, settings))
