@@ -4,21 +4,25 @@ Middleware, outer to inner (each refuses what it can before the next costs more)
 
 0. uvicorn's ``ProxyHeadersMiddleware``, only for ``server.trustedProxies``: the client
    address behind them (``serve`` turns uvicorn's own, which trusts 127.0.0.1, off).
-1. CORS, only for ``server.corsOrigins`` (default none): those pages may read ``Retry-After``,
-   ``RateLimit*``, ``Idempotent-Replayed``. Then :class:`~sessiongate.gateway._origin.CrossSiteGuard`:
-   a cross-site browser request that could change state is refused (403).
+1. CORS, only for ``server.corsOrigins`` (default none): those pages may read the retry hints
+   (``Retry-After``, ``retry-after-ms``, ``x-should-retry``), ``RateLimit*``, ``Idempotent-Replayed``.
+   Then :class:`~sessiongate.gateway._origin.CrossSiteGuard`: a cross-site browser request that
+   could change state is refused (403).
 2. :class:`~sessiongate.gateway._logging.RequestLog`: request id, one structured line per request.
-3. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
+3. :class:`~sessiongate.gateway._openai.OpenAIErrors`: errors of the OpenAI-compatible
+   routes are written in OpenAI's shape (same statuses and headers).
+4. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
    500 ``internal-error`` problem (inside CORS and the log, so error answers
    carry CORS headers and are logged with their status and request id).
-4. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
-5. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
-6. :class:`sessiongate.SessionGate`: for ``POST /v1/sessions/{id}/messages``
-   only, the session id and body (400, parsed once by the gate's body hook),
-   rate limits, Idempotency-Key, the session's lane.
+5. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*``
+   and the OpenAI-compatible routes (401).
+6. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
+7. :class:`sessiongate.SessionGate`: for ``POST /v1/sessions/{id}/messages`` and
+   ``POST /v1/chat/completions``, the session id and body (400, parsed once by the
+   gate's body hook), rate limits, Idempotency-Key, the session's lane.
 
-Routes raise typed errors; the exception handlers answer them as problem+json,
-404 and 405 included.
+Routes raise typed errors; the exception handlers answer them in the route's
+error format (problem+json unless OpenAI's), 404 and 405 included.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from sessiongate import (
     SessionGate,
     SessionGateError,
     client_address,
+    error_format_of,
     open_backend,
     problem_response,
     problem_status,
@@ -56,8 +61,9 @@ from ._auth import BearerAuth, bearer_token
 from ._body import BodyLimit, gated_body_parser, gated_session_key
 from ._context import Gateway
 from ._logging import RequestLog, configure_logging
+from ._openai import OpenAIErrors
 from ._origin import CrossSiteGuard
-from .routes import health, metrics, openapi, sessions, webchat
+from .routes import chat, health, metrics, openapi, sessions, webchat
 from .settings import GatewaySettings
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
@@ -105,7 +111,7 @@ class ErrorBoundary:
             if started:
                 log.warning("error after the response started, connection dropped: %s", exc)
                 return
-            await send_problem(send, error, problem_status(error, self.settings))
+            await send_problem(send, error, problem_status(error, self.settings), error_format_of(scope))
 
 
 def sender_key(settings: GatewaySettings) -> Callable[[Scope], str | None]:
@@ -131,11 +137,12 @@ def sender_key(settings: GatewaySettings) -> Callable[[Scope], str | None]:
 def exception_handlers(settings: GatewaySettings) -> dict[type[Exception], ExceptionHandler]:
     async def typed_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, SessionGateError)  # a 5xx detail is logged, not sent (sessiongate._problem)
-        return problem_response(error, problem_status(error, settings))
+        return problem_response(error, problem_status(error, settings), error_format_of(request.scope))
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
-        response = problem_response(HttpProblem(error.status_code, error.detail))
+        response = problem_response(HttpProblem(error.status_code, error.detail),
+                                    error_format=error_format_of(request.scope))
         response.headers.update(error.headers or {})
         return response
 
@@ -155,7 +162,7 @@ def cors(origins: list[str]) -> list[Middleware]:
         CORSMiddleware,
         allow_origins=origins,
         allow_methods=["GET", "POST", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id", "X-Session-Id"],
         expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
     )]
 
@@ -178,12 +185,13 @@ def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport
             metrics.forget_this_process()
 
     return Starlette(
-        routes=[*sessions.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
+        routes=[*sessions.routes(), *chat.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
                 *channels.routes()],
         middleware=[
             *trusted_proxy_headers(settings.server.trusted_proxies),
             *cors(settings.server.cors_origins),
             Middleware(RequestLog),
+            Middleware(OpenAIErrors),
             Middleware(ErrorBoundary, settings=settings),
             Middleware(CrossSiteGuard, allowed_origins=settings.server.cors_origins),
             Middleware(BearerAuth, tokens=settings.auth.tokens),

@@ -56,9 +56,12 @@ from ._problem import (
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
     REQUEST_ID,
+    ErrorFormat,
+    error_format_of,
     problem_response,
     problem_status,
     send_problem,
+    use_error_format,
 )
 from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
 from ._store import TranscriptStore, new_record_id, utc_now
@@ -82,6 +85,7 @@ __all__ = [
     "BackendUnavailable",
     "BodyParser",
     "ConfigError",
+    "ErrorFormat",
     "FencedOut",
     "Holder",
     "HolderState",
@@ -113,6 +117,7 @@ __all__ = [
     "existing_file",
     "file_stem",
     "idempotency_key",
+    "error_format_of",
     "is_valid_session_id",
     "lane_of",
     "new_record_id",
@@ -124,6 +129,7 @@ __all__ = [
     "replaying",
     "send_problem",
     "session_id_from_stem",
+    "use_error_format",
     "utc_now",
     "validate_session_id",
 ]
