@@ -27,21 +27,27 @@ from ._gate import SessionGate, lane_of
 from ._ids import validate_session_id
 from ._lanes import LaneGrant
 from ._store import TranscriptStore
+from .storage import Holder, HolderState, LeaseKind, LeaseStorage, RecordStorage
 
 __all__ = [
     "Backend",
     "BackendUnavailable",
     "ConfigError",
     "FencedOut",
+    "Holder",
+    "HolderState",
     "IdempotencyInFlight",
     "IdempotencyKeyReused",
     "InvalidRequest",
     "InvalidSessionId",
     "LaneGrant",
+    "LeaseKind",
+    "LeaseStorage",
     "LockTimeout",
     "PayloadTooLarge",
     "QueueFull",
     "RateLimited",
+    "RecordStorage",
     "RetryableError",
     "SessionBusy",
     "SessionGate",

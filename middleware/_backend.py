@@ -13,15 +13,15 @@ from contextlib import AbstractAsyncContextManager
 
 from ._config import Settings, storage_scheme
 from ._lanes import LaneGrant, Lanes
-from ._storage import LeaseStorage, RecordStorage
+from .storage import LeaseStorage, RecordStorage
 from ._waiting import Heartbeats
 from ._write_lock import WriteLockHold, WriteLocks
 
 _STORAGES: dict[str, str] = {  # one entry per _config.STORAGE_SCHEMES
-    "memory": "sessiongate._memory:MemoryStorage",
-    "file": "sessiongate._file:FileStorage",
-    "redis": "sessiongate._redis:RedisStorage",
-    "rediss": "sessiongate._redis:RedisStorage",
+    "memory": "sessiongate.storage.memory:MemoryStorage",
+    "file": "sessiongate.storage.file:FileStorage",
+    "redis": "sessiongate.storage.redis:RedisStorage",
+    "rediss": "sessiongate.storage.redis:RedisStorage",
 }
 
 

@@ -60,7 +60,7 @@ def is_shared(settings: Settings) -> bool:
 def _storage_for(settings: Settings) -> Storage:
     if not is_shared(settings):
         return LazyMemoryStorage()
-    from ._redis import CONNECTION_OPTIONS  # short timeouts + one reconnect: survives a Redis restart
+    from .storage.redis import CONNECTION_OPTIONS  # short timeouts + one reconnect: survives a Redis restart
 
     return storage_from_string(
         "async+" + settings.backend.url,

@@ -31,7 +31,7 @@ from sessiongate.gateway.client import (
 )
 from sessiongate import Settings
 from sessiongate._backend import open_storage
-from sessiongate._storage import LeaseKind
+from sessiongate.storage import LeaseKind
 from tests.support import GatewayProcess, free_port, run_cli, wait_until
 
 TURN_MS = 1500

@@ -22,8 +22,8 @@ import redis
 
 from sessiongate._config import Settings
 from sessiongate._errors import BackendUnavailable
-from sessiongate._redis import RedisStorage
-from sessiongate._storage import Holder, HolderState, LeaseKind
+from sessiongate.storage import Holder, HolderState, LeaseKind
+from sessiongate.storage.redis import RedisStorage
 from tests.support import REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
@@ -55,8 +55,8 @@ HOLDER_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
     from sessiongate._config import Settings
-    from sessiongate._redis import RedisStorage
-    from sessiongate._storage import LeaseKind
+    from sessiongate.storage import LeaseKind
+    from sessiongate.storage.redis import RedisStorage
 
     async def main():
         storage = RedisStorage.from_settings(Settings.load(

@@ -23,9 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessiongate import Backend, BackendUnavailable, ConfigError, Settings, TranscriptStore, open_backend
+from sessiongate import Backend, BackendUnavailable, ConfigError, HolderState, Settings, TranscriptStore, open_backend
 from sessiongate._config import CONFIG_PATH_ENV
-from sessiongate._storage import HolderState
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
 from .locks import holder_views, transcript_info

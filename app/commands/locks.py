@@ -29,13 +29,16 @@ from sessiongate import (
     Backend,
     BackendUnavailable,
     ConfigError,
+    Holder,
+    HolderState,
     InvalidSessionId,
+    LeaseKind,
+    LeaseStorage,
     Settings,
     TranscriptStore,
     open_backend,
     validate_session_id,
 )
-from sessiongate._storage import Holder, HolderState, LeaseKind, LeaseStorage
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE, load_settings, settings_options
 

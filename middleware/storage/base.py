@@ -1,9 +1,9 @@
 """The storage interface: where leases, fences, queues and records live.
 
 Following ``limits``, strategy is kept apart from storage. The strategies
-(:mod:`._lanes` waits, queues and estimates; :mod:`._write_lock` bounds the
-wait for the transcript lock) are written once, against this interface; the
-storages (:mod:`._memory`, :mod:`._file`, :mod:`._redis`) only know how to take,
+(:mod:`sessiongate._lanes` waits, queues and estimates; :mod:`sessiongate._write_lock`
+bounds the wait for the transcript lock) are written once, against this interface; the
+storages (:mod:`.memory`, :mod:`.file`, :mod:`.redis`) only know how to take,
 renew and give back one lease, issue fencing tokens, keep a FIFO of waiters and
 keep small records with a time to live.
 
@@ -92,7 +92,7 @@ class Holder:
             kind=kind,
             pid=os.getpid(),
             host=THIS_HOST,
-            process_started_at=_this_process_started_at(),
+            process_started_at=this_process_started_at(),
             since=now,
             heartbeat_at=now,
             fence=fence,
@@ -103,7 +103,7 @@ THIS_HOST = socket.gethostname()
 _started_at_cache: dict[int, float | None] = {}
 
 
-def _this_process_started_at() -> float | None:
+def this_process_started_at() -> float | None:
     pid = os.getpid()  # cached per pid, so a fork computes its own
     if pid not in _started_at_cache:
         _started_at_cache[pid] = _process_started_at(pid)

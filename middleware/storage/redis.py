@@ -36,9 +36,9 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ._config import Settings
-from ._errors import BackendUnavailable
-from ._storage import (
+from .._config import Settings
+from .._errors import BackendUnavailable
+from .base import (
     Holder,
     HolderState,
     LeaseKind,

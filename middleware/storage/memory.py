@@ -13,8 +13,8 @@ import itertools
 import time
 from typing import Any
 
-from ._config import Settings
-from ._storage import (
+from .._config import Settings
+from .base import (
     Holder,
     HolderState,
     LeaseKind,

@@ -44,10 +44,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._config import Settings
-from ._errors import BackendUnavailable, SessionGateError
-from ._ids import file_stem
-from ._storage import (
+from .._config import Settings
+from .._errors import BackendUnavailable, SessionGateError
+from .._ids import file_stem
+from .base import (
     Holder,
     HolderState,
     LeaseKind,
@@ -56,9 +56,9 @@ from ._storage import (
     StoredLease,
     Ticket,
     THIS_HOST,
-    _this_process_started_at,
+    this_process_started_at,
 )
-from ._waiting import Backoff
+from .._waiting import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ class FileStorage(LeaseStorage):
         self._stems: dict[str, str] = {}
         self._tickets: dict[Ticket, int] = {}  # our waiting tickets and their flock'ed fds
         self._identity = json.dumps(
-            {"pid": os.getpid(), "host": THIS_HOST, "processStartedAt": _this_process_started_at()}
+            {"pid": os.getpid(), "host": THIS_HOST, "processStartedAt": this_process_started_at()}
         )[1:-1]
 
     @classmethod
