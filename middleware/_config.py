@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from ._errors import ConfigError
+from .storage import check_scheme
 
 ENV_PREFIX = "SESSIONGATE_"
 CONFIG_PATH_ENV = "SESSIONGATE_CONFIG"
@@ -84,15 +85,6 @@ class RateLimitSettings(_Section):
         return None
 
 
-SHARED_SCHEMES = ("redis", "rediss")  # storages every process and host shares
-STORAGE_SCHEMES = ("file", "memory", *SHARED_SCHEMES)
-
-
-def storage_scheme(url: str) -> str:
-    """The scheme of a ``backend.url`` (``""`` when it has none)."""
-    return url.split("://", 1)[0] if "://" in url else ""
-
-
 class BackendSettings(_Section):
     url: str = "file://"
     key_prefix: str = Field("sessiongate", min_length=1, max_length=64)
@@ -100,9 +92,7 @@ class BackendSettings(_Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if storage_scheme(value) not in STORAGE_SCHEMES:
-            raise ValueError("must start with file://, memory://, redis:// or rediss://")
-        return value
+        return check_scheme(value)
 
 
 class ProviderSettings(_Section):

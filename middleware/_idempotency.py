@@ -30,6 +30,17 @@ from starlette.types import Scope
 from ._errors import IdempotencyInFlight, IdempotencyKeyReused, InvalidRequest
 from .storage.base import THIS_HOST, RecordStorage, owner_dead, this_process_started_at
 
+__all__ = [
+    "DEFAULT_IN_FLIGHT_TTL_MS",
+    "IN_FLIGHT_RETRY_AFTER_MS",
+    "MAX_KEY_LENGTH",
+    "Claim",
+    "Idempotency",
+    "StoredAnswer",
+    "idempotency_key",
+    "is_retryable_status",
+]
+
 MAX_KEY_LENGTH = 255
 # An in-flight record expires after this long even if its owner never finishes (hung on another host).
 DEFAULT_IN_FLIGHT_TTL_MS = 10 * 60_000

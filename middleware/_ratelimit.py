@@ -39,9 +39,12 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
-from ._config import SHARED_SCHEMES, Settings, storage_scheme
+from .storage import is_shared as storage_is_shared
+from ._config import Settings
 from ._errors import BackendUnavailable, RateLimited
 from ._window_counts import LazyMemoryStorage
+
+__all__ = ["Policy", "RateLimits", "is_shared"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class Policy:
 
 def is_shared(settings: Settings) -> bool:
     """Whether counts live in Redis (shared by every process) rather than in this process."""
-    return storage_scheme(settings.backend.url) in SHARED_SCHEMES
+    return storage_is_shared(settings.backend.url)
 
 
 def _storage_for(settings: Settings) -> Storage:

@@ -30,8 +30,7 @@ from sessiongate.gateway.client import (
     SessionGateClient,
 )
 from sessiongate import Settings
-from sessiongate._backend import open_storage
-from sessiongate.storage import LeaseKind
+from sessiongate.storage import LeaseKind, open_storage
 from tests.support import GatewayProcess, free_port, run_cli, wait_until
 
 TURN_MS = 1500

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sessiongate._backend import open_storage
-from sessiongate.storage import memory
-from sessiongate.storage import HolderState, LeaseKind, LeaseStorage
+from sessiongate.storage import HolderState, LeaseKind, LeaseStorage, memory, open_storage
 from sessiongate.storage.memory import MemoryRecords
 from tests.workers import settings_for
 

@@ -21,9 +21,26 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from .._config import Settings
+
+__all__ = [
+    "THIS_HOST",
+    "Holder",
+    "HolderState",
+    "LeaseKind",
+    "LeaseStorage",
+    "RecordStorage",
+    "StoredLease",
+    "Ticket",
+    "owner_dead",
+    "process_alive",
+    "this_process_started_at",
+]
 
 
 class LeaseKind(str, enum.Enum):
@@ -163,6 +180,11 @@ class Ticket:
 
 class LeaseStorage(ABC):
     """Where leases live. One instance per process, shared by every request."""
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Settings) -> LeaseStorage:
+        """The storage ``settings.backend.url`` describes (see :func:`sessiongate.storage.open_storage`)."""
 
     @abstractmethod
     async def try_acquire(

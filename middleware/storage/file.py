@@ -47,6 +47,7 @@ from typing import Any
 from .._config import Settings
 from .._errors import BackendUnavailable, SessionGateError
 from .._ids import file_stem
+from .._waiting import Backoff
 from .base import (
     Holder,
     HolderState,
@@ -58,7 +59,8 @@ from .base import (
     THIS_HOST,
     this_process_started_at,
 )
-from .._waiting import Backoff
+
+__all__ = ["SWEEP_INTERVAL_S", "FileRecords", "FileStorage", "LockPathAttack"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,8 @@ from .base import (
     Ticket,
 )
 
+__all__ = ["SWEEP_INTERVAL_S", "MemoryRecords", "MemoryStorage"]
+
 SWEEP_INTERVAL_S = 1.0  # how often ``put`` drops expired records
 
 

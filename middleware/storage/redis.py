@@ -48,6 +48,18 @@ from .base import (
     Ticket,
 )
 
+__all__ = [
+    "CONNECTION_OPTIONS",
+    "OUTAGE_ERRORS",
+    "RETRY_AFTER_OUTAGE_MS",
+    "RedisLease",
+    "RedisRecords",
+    "RedisStorage",
+    "lapse_on_outage",
+    "outage_as_backend_unavailable",
+    "unavailable",
+]
+
 logger = logging.getLogger("sessiongate.redis")
 
 #: Connection options of every Redis client sessiongate opens (this storage and the
