@@ -22,6 +22,8 @@ from .base import (
     RecordStorage,
     StoredLease,
     Ticket,
+    decode_holder,
+    encode_holder,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ __all__ = [
     "StoredLease",
     "Ticket",
     "check_scheme",
+    "decode_holder",
+    "encode_holder",
     "is_shared",
     "open_storage",
     "scheme_of",

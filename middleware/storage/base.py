@@ -16,11 +16,14 @@ has not renewed for ``stale_ms`` loses it to the next :meth:`LeaseStorage.try_ac
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import os
 import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as json_string
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -37,6 +40,9 @@ __all__ = [
     "RecordStorage",
     "StoredLease",
     "Ticket",
+    "decode_holder",
+    "encode_holder",
+    "holder_head",
     "owner_dead",
     "process_alive",
     "this_process_started_at",
@@ -77,29 +83,9 @@ class Holder:
         return HolderState.LIVE
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "sessionId": self.session_id,
-            "kind": self.kind.value,
-            "pid": self.pid,
-            "host": self.host,
-            "processStartedAt": self.process_started_at,
-            "since": self.since,
-            "heartbeatAt": self.heartbeat_at,
-            "fence": self.fence,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Holder:
-        return cls(
-            session_id=data["sessionId"],
-            kind=LeaseKind(data["kind"]),
-            pid=int(data["pid"]),
-            host=str(data["host"]),
-            process_started_at=data.get("processStartedAt"),
-            since=float(data["since"]),
-            heartbeat_at=float(data["heartbeatAt"]),
-            fence=int(data.get("fence", 0)),
-        )
+        """The wire form (:func:`encode_holder`) as a dict, e.g. for the operator CLI's JSON output."""
+        data: dict[str, Any] = json.loads(encode_holder(self))
+        return data
 
     @classmethod
     def for_this_process(cls, session_id: str, kind: LeaseKind, fence: int = 0) -> Holder:
@@ -152,6 +138,64 @@ def process_alive(pid: int, started_at: float | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+# -- the holder wire codec: the one way every storage writes and reads a holder record --------
+
+
+def encode_holder(holder: Holder) -> str:
+    """The holder record as every storage writes it: compact JSON, the fence last.
+
+    The fence comes last so that Redis' ``acquire.lua`` can complete a
+    :func:`holder_head` with the fence it issues in the same atomic step. Built
+    as one f-string (it is written on every lease grant): the kinds and the
+    fields that only depend on the process are encoded once (:data:`_KIND_JSON`,
+    :func:`_identity_json`), and ``heartbeatAt`` reuses ``since``'s text while
+    they are equal (a fresh grant).
+    """
+    since = repr(holder.since)
+    heartbeat_at = since if holder.heartbeat_at == holder.since else repr(holder.heartbeat_at)
+    return (
+        f'{{"sessionId":{json_string(holder.session_id)},"kind":{_KIND_JSON[holder.kind]},'
+        f"{_identity_json(holder.pid, holder.host, holder.process_started_at)},"
+        f'"since":{since},"heartbeatAt":{heartbeat_at},"fence":{holder.fence}}}'
+    )
+
+
+def holder_head(holder: Holder) -> str:
+    """:func:`encode_holder` without its fence's digits and closing brace (what ``acquire.lua`` completes)."""
+    return encode_holder(holder).removesuffix(f"{holder.fence}}}")
+
+
+def decode_holder(raw: str | bytes) -> Holder:
+    """The holder an :func:`encode_holder` record describes; ``ValueError`` if ``raw`` is not one.
+
+    Also reads records written before the encoding was compact (any JSON spacing).
+    """
+    try:
+        data = json.loads(raw)
+        return Holder(
+            session_id=str(data["sessionId"]),
+            kind=LeaseKind(data["kind"]),
+            pid=int(data["pid"]),
+            host=str(data["host"]),
+            process_started_at=data.get("processStartedAt"),
+            since=float(data["since"]),
+            heartbeat_at=float(data["heartbeatAt"]),
+            fence=int(data.get("fence", 0)),
+        )
+    except (KeyError, TypeError) as exc:  # JSON, but not a holder record
+        raise ValueError(f"not a holder record: {exc!r}") from None
+
+
+_KIND_JSON = {kind: json_string(kind.value) for kind in LeaseKind}
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_json(pid: int, host: str, process_started_at: float | None) -> str:
+    """The ``"pid","host","processStartedAt"`` members of a holder record: the same for a process's every grant."""
+    members = json.dumps({"pid": pid, "host": host, "processStartedAt": process_started_at}, separators=(",", ":"))
+    return members[1:-1]
 
 
 class StoredLease(ABC):

@@ -2,7 +2,7 @@
 
 Why Redis, and how: every instance talks to one Redis, so one turn per session
 and one transcript writer hold across hosts. A lease is ``SET NX PX`` of
-``"<random token> <holder JSON>"`` with a time to live of ``staleMs`` (a silent
+``"<random token> <holder record>"`` with a time to live of ``staleMs`` (a silent
 holder simply expires); renew and release check the token in Lua so nobody
 renews or deletes a successor's lease. A lane grant and its fencing token are
 issued by one script, so no grant lacks a fence. The scripts live in
@@ -46,6 +46,9 @@ from .base import (
     RecordStorage,
     StoredLease,
     Ticket,
+    decode_holder,
+    encode_holder,
+    holder_head,
 )
 
 __all__ = [
@@ -153,18 +156,13 @@ class _Keys:
 
 
 def _lease_value(token: str, holder: Holder) -> str:
-    """``"<token> <holder JSON>"``; the JSON ends with ``, "fence": N}`` (acquire.lua relies on it)."""
-    return f"{token} {json.dumps(holder.to_json())}"
-
-
-def _holder_head(holder: Holder) -> str:
-    """The holder JSON up to (without) its fence, which acquire.lua appends once it issued one."""
-    return json.dumps(holder.to_json()).rsplit(', "fence": ', 1)[0]
+    """``"<token> <holder record>"``, the record being :func:`.base.encode_holder`'s."""
+    return f"{token} {encode_holder(holder)}"
 
 
 def _parse_lease_value(value: str) -> tuple[str, Holder]:
-    token, _, holder_json = value.partition(" ")
-    return token, Holder.from_json(json.loads(holder_json))
+    token, _, record = value.partition(" ")
+    return token, decode_holder(record)
 
 
 class RedisLease(StoredLease):
@@ -249,7 +247,7 @@ class RedisStorage(LeaseStorage):
         outcome = await self._run(
             self._acquire,
             keys=[self.keys.lease(kind, session_id), self.keys.fence(session_id)],
-            args=[token, _holder_head(holder), stale_ms, replacing, "1" if kind is LeaseKind.LANE else "0"],
+            args=[token, holder_head(holder), stale_ms, replacing, "1" if kind is LeaseKind.LANE else "0"],
         )
         if isinstance(outcome, str):
             return outcome
