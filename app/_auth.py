@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sessiongate import Unauthorized
-from sessiongate._problem import problem_response
+from sessiongate import Unauthorized, problem_response
 
 PROTECTED_PREFIX = "/v1/sessions"
 

@@ -1,51 +1,73 @@
-"""Request bodies: a size limit for every request, and the message API's validation before the gate.
+"""Request bodies: a size limit for every request, and the message API's body, parsed once by the gate.
 
-Both run in front of :class:`sessiongate.SessionGate`, in the contract's order
+The size limit runs in front of everything (413 before anything is read).
+The message body is parsed by :class:`sessiongate.SessionGate` through its
+``body_parser`` hook (:func:`gated_body_parser`), in the contract's order
 (auth, body limit and validation, rate limits, Idempotency-Key, lane): a
-request that is too large or malformed is refused with 413 / 400
-problem+json before it can spend a rate-limit slot, an idempotency record or
-the session's lane. The validated message is left in the request's state
-for the route (:func:`message_of`).
+malformed request is refused with 400 before it can spend a rate-limit slot,
+an idempotency record or the session's lane, and the route finds the parsed
+message in the gate's :class:`~sessiongate.Admission`.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessiongate import InvalidRequest, PayloadTooLarge, SessionGateError, validate_session_id
-from sessiongate._gate import read_body, replaying
-from sessiongate._problem import send_problem
+from sessiongate import InvalidRequest, PayloadTooLarge, parsed_body, send_problem, validate_session_id
 
-MESSAGE_STATE_KEY = "sessiongate.message"
-# Matches any id, valid or not (even one with "/"), so a bad one reads as invalid-session-id, not 404.
-_MESSAGES_PATH = re.compile(r"/v1/sessions/(?P<session_id>.*)/messages", re.DOTALL)
+from ._logging import SESSION_ID
+from .paths import messages_session_id
+
+__all__ = [
+    "BodyLimit",
+    "MessageIn",
+    "gated_body_parser",
+    "gated_session_key",
+    "json_object",
+    "parse_message",
+]
+
 MAX_TEXT_CHARS = 32_000
 MAX_SENDER_CHARS = 256
 MESSAGE_FIELDS = frozenset({"text", "sender"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageIn:
-    """A validated ``POST /v1/sessions/{id}/messages`` body."""
+    """A validated ``POST /v1/sessions/{id}/messages`` body, with the session it was posted to."""
 
+    session_id: str
     text: str
     sender: str | None = None
 
 
-def messages_path_session_id(scope: Scope) -> str | None:
-    """The (unvalidated) session id of a ``/v1/sessions/{id}/messages`` path, else ``None``."""
-    match = _MESSAGES_PATH.fullmatch(scope["path"])
-    return match["session_id"] if match else None
+def gated_body_parser(scope: Scope) -> Callable[[bytes], MessageIn] | None:
+    """SessionGate's ``body_parser``: the message parser for ``POST /v1/sessions/{id}/messages``, else ``None``.
+
+    The path is matched here, once per request; the id is judged before the
+    body, so a bad id reads as ``invalid-session-id`` whatever the body.
+    """
+    if scope["method"] != "POST":
+        return None
+    session_id = messages_session_id(scope["path"])
+    if session_id is None:
+        return None
+    validate_session_id(session_id)
+    return lambda body: parse_message(session_id, body)
 
 
-def message_of(scope: Scope) -> MessageIn:
-    """The message :class:`MessageValidation` parsed for this request."""
-    return scope["state"][MESSAGE_STATE_KEY]
+def gated_session_key(scope: Scope) -> str | None:
+    """SessionGate's ``session_key``: the session the parsed body was posted to (``None``: not gated)."""
+    body = parsed_body(scope)
+    if not isinstance(body, MessageIn):
+        return None
+    SESSION_ID.set(body.session_id)  # for every log line of this request, the access line included
+    return body.session_id
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -110,16 +132,17 @@ def json_object(body: bytes, *, example: str = "") -> dict[str, Any]:
     return data
 
 
-def parse_message(body: bytes) -> MessageIn:
+def parse_message(session_id: str, body: bytes) -> MessageIn:
     """Validate a message body: a JSON object with a non-blank ``text`` and an optional ``sender``."""
     data = json_object(body, example=' like {"text": "hello"}')
     unknown = sorted(set(data) - MESSAGE_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field(s) {unknown}: a message has only 'text' and optional 'sender'")
     text = _string_field(data, "text", max_chars=MAX_TEXT_CHARS, required=True)
-    if not text.strip():
+    if text is None or not text.strip():
         raise InvalidRequest("'text' must not be blank")
-    return MessageIn(text=text, sender=_string_field(data, "sender", max_chars=MAX_SENDER_CHARS, required=False))
+    sender = _string_field(data, "sender", max_chars=MAX_SENDER_CHARS, required=False)
+    return MessageIn(session_id=session_id, text=text, sender=sender)
 
 
 def _string_field(data: dict[str, object], name: str, *, max_chars: int, required: bool) -> str | None:
@@ -137,32 +160,3 @@ def _string_field(data: dict[str, object], name: str, *, max_chars: int, require
     except UnicodeEncodeError:
         raise InvalidRequest(f"'{name}' is not valid Unicode (lone surrogate)") from None
     return value
-
-
-class MessageValidation:
-    """ASGI middleware for ``/v1/sessions/{id}/messages``: a valid session id, and for POST a valid body.
-
-    Everything else passes through. The parsed body is stored in the scope's
-    state and replayed to the app (and to SessionGate's Idempotency-Key check).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_id = messages_path_session_id(scope) if scope["type"] == "http" else None
-        if raw_id is None:
-            await self.app(scope, receive, send)
-            return
-        try:
-            validate_session_id(raw_id)
-            if scope["method"] == "POST":
-                body = await read_body(receive)
-                if body is None:
-                    return  # the client went away: nobody to answer
-                scope.setdefault("state", {})[MESSAGE_STATE_KEY] = parse_message(body)
-                receive = replaying(body, receive)
-        except SessionGateError as error:
-            await send_problem(send, error)
-            return
-        await self.app(scope, receive, send)

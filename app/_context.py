@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from sessiongate import Backend, Settings, TranscriptStore
+from sessiongate import Backend, TranscriptStore
 
 from .providers import Failover, build_failover
+from .settings import GatewaySettings
 from .turns import TurnRunner
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ OUTBOUND_TIMEOUT_S = 10.0
 
 @dataclass
 class Gateway:
-    settings: Settings
+    settings: GatewaySettings
     backend: Backend  # lanes, write locks, fences, records (shared with SessionGate)
     store: TranscriptStore
     providers: Failover
@@ -35,7 +36,7 @@ class Gateway:
 
     @classmethod
     def open(
-        cls, settings: Settings, backend: Backend, *, transport: httpx.AsyncBaseTransport | None = None
+        cls, settings: GatewaySettings, backend: Backend, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
         store = TranscriptStore(backend, settings)

@@ -14,7 +14,6 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -85,9 +84,8 @@ def _incoming_request_id(scope: Scope) -> str | None:
 class RequestLog:
     """ASGI middleware: sets the ids for the request's context, echoes ``X-Request-Id``, logs one line at the end."""
 
-    def __init__(self, app: ASGIApp, *, session_of: Callable[[Scope], str | None]) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.session_of = session_of
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,7 +93,7 @@ class RequestLog:
             return
         request_id = _incoming_request_id(scope) or uuid.uuid4().hex
         request_token = REQUEST_ID.set(request_id)
-        session_token = SESSION_ID.set(self.session_of(scope))
+        session_token = SESSION_ID.set(None)  # set by whoever learns the session (the gate's session key, a route)
         status: int | None = None
 
         async def send_with_id(message: Message) -> None:

@@ -9,9 +9,9 @@ Middleware, outer to inner (each refuses what it can before the next costs more)
    carry CORS headers and are logged with their status and request id).
 4. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
 5. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
-6. :class:`~sessiongate.gateway._body.MessageValidation`: session id and message body (400).
-7. :class:`sessiongate.SessionGate`: rate limits, Idempotency-Key, the session's
-   lane, for ``POST /v1/sessions/{id}/messages`` only.
+6. :class:`sessiongate.SessionGate`: for ``POST /v1/sessions/{id}/messages``
+   only, the session id and body (400, parsed once by the gate's body hook),
+   rate limits, Idempotency-Key, the session's lane.
 
 Routes raise typed errors; the exception handlers answer them as problem+json,
 404 and 405 included.
@@ -34,17 +34,25 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessiongate import SessionGate, SessionGateError, Settings, open_backend
-from sessiongate._gate import client_address
-from sessiongate._ids import is_valid_session_id
-from sessiongate._problem import EXPOSED_HEADERS, problem_response, problem_status, send_problem
+from sessiongate import (
+    EXPOSED_HEADERS,
+    SessionGate,
+    SessionGateError,
+    client_address,
+    open_backend,
+    parsed_body,
+    problem_response,
+    problem_status,
+    send_problem,
+)
 
 from . import channels
 from ._auth import BearerAuth
-from ._body import MESSAGE_STATE_KEY, BodyLimit, MessageValidation, messages_path_session_id
+from ._body import BodyLimit, MessageIn, gated_body_parser, gated_session_key
 from ._context import Gateway
 from ._logging import REQUEST_ID, RequestLog, configure_logging
 from .routes import health, metrics, openapi, sessions, webchat
+from .settings import GatewaySettings
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
 log = logging.getLogger("sessiongate.server")
@@ -56,15 +64,15 @@ class HttpProblem(SessionGateError):
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
-        self.default_status = status
-        self.problem_type = HTTPStatus(status).phrase.lower().replace(" ", "-")
-        self.title = HTTPStatus(status).phrase
+        self.default_status = status  # type: ignore[misc]  # the router's status, per instance
+        self.problem_type = HTTPStatus(status).phrase.lower().replace(" ", "-")  # type: ignore[misc]
+        self.title = HTTPStatus(status).phrase  # type: ignore[misc]
 
 
 class ErrorBoundary:
     """ASGI middleware: typed errors become their problem; anything else a logged 500 ``internal-error``."""
 
-    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, *, settings: GatewaySettings) -> None:
         self.app = app
         self.settings = settings
 
@@ -94,23 +102,13 @@ class ErrorBoundary:
             await send_problem(send, error, problem_status(error, self.settings))
 
 
-def message_session_key(scope: Scope) -> str | None:
-    """SessionGate's key: the session of ``POST /v1/sessions/{id}/messages``, ``None`` for the rest."""
-    return messages_path_session_id(scope) if scope["method"] == "POST" else None
-
-
 def message_sender_key(scope: Scope) -> str | None:
     """For ``rateLimits.perSender``: the message's ``sender``, else the client address."""
-    message = scope.get("state", {}).get(MESSAGE_STATE_KEY)
-    return message.sender if message is not None and message.sender else client_address(scope)
+    message = parsed_body(scope)
+    return message.sender if isinstance(message, MessageIn) and message.sender else client_address(scope)
 
 
-def logged_session_id(scope: Scope) -> str | None:
-    session_id = messages_path_session_id(scope)
-    return session_id if session_id is not None and is_valid_session_id(session_id) else None
-
-
-def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHandler]:
+def exception_handlers(settings: GatewaySettings) -> dict[type[Exception], ExceptionHandler]:
     async def typed_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, SessionGateError)
         if error.problem_type == SessionGateError.problem_type:  # a fault, not a typed answer: keep a trace
@@ -126,7 +124,7 @@ def exception_handlers(settings: Settings) -> dict[type[Exception], ExceptionHan
     return {SessionGateError: typed_error, HTTPException: http_error}
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gateway for ``settings``; ``transport`` (tests) carries every outbound httpx call."""
     backend = open_backend(settings)
 
@@ -154,14 +152,14 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
                 expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
             ),
-            Middleware(RequestLog, session_of=logged_session_id),
+            Middleware(RequestLog),
             Middleware(ErrorBoundary, settings=settings),
             Middleware(BearerAuth, tokens=settings.auth.tokens),
             Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes),
-            Middleware(MessageValidation),
             Middleware(
                 SessionGate, settings=settings, backend=backend,
-                session_key=message_session_key, sender_key=message_sender_key,
+                session_key=gated_session_key, sender_key=message_sender_key, body_parser=gated_body_parser,
+                max_body_bytes=settings.server.max_body_bytes,
             ),
         ],
         exception_handlers=exception_handlers(settings),
@@ -171,6 +169,6 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
 
 def app_from_environment() -> Starlette:
     """uvicorn's factory (``sessiongate.gateway._server:app_from_environment``): the settings ``serve`` resolved, per worker."""
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    settings = GatewaySettings.model_validate_json(os.environ[SETTINGS_ENV])
     configure_logging(settings.server.log_format)
     return create_app(settings)

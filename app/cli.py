@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from sessiongate import __version__
+
 COMMANDS: tuple[str, ...] = ("serve", "send", "locks", "doctor")
 DEFAULT_COMMAND = "serve"
 
@@ -24,6 +26,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="sessiongate",
         description="AI chat gateway with fast session locks, lanes and contention answers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS if only is None else (only,):
         module = importlib.import_module(f"sessiongate.gateway.commands.{name}")
@@ -35,7 +38,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def with_default_command(argv: Sequence[str]) -> list[str]:
     """Prefix ``serve`` unless the arguments name a command or ask for the top-level help."""
     argv = list(argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         return [DEFAULT_COMMAND, *argv]
     return argv
 

@@ -19,13 +19,14 @@ import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import tenacity
+
+from .paths import messages_path
 
 RETRYABLE_STATUSES = frozenset({409, 429, 503})
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -143,7 +144,7 @@ def retry_after_ms(response: httpx.Response, problem: dict[str, Any]) -> int | N
     if not header:
         return None
     try:
-        wait_s = (parsedate_to_datetime(header) - datetime.now(timezone.utc)).total_seconds()
+        wait_s = (parsedate_to_datetime(header) - datetime.now(UTC)).total_seconds()
     except (TypeError, ValueError):  # not a date, or one without a time zone
         return None
     return max(0, int(wait_s * 1000))
@@ -185,17 +186,13 @@ class _ClientBase:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = self._http_class(base_url=self.base_url, headers=headers, transport=transport, timeout=timeout_s)
 
-    @staticmethod
-    def _path(session_id: str) -> str:
-        return f"/v1/sessions/{quote(session_id, safe=':@')}/messages"
-
     def _post(self, session_id: str, text: str, sender: str | None, idempotency_key: str | None) -> dict[str, Any]:
         """``http.post`` arguments of one logical message: its key is chosen here, once."""
         body: dict[str, Any] = {"text": text}
         if sender is not None:
             body["sender"] = sender
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
-        return {"url": self._path(session_id), "json": body, "headers": headers}
+        return {"url": messages_path(session_id), "json": body, "headers": headers}
 
     def _retrying(self, retrying_class: type[tenacity.BaseRetrying]) -> Any:
         return retrying_class(**self.policy.tenacity_options(self.on_retry))
@@ -218,7 +215,7 @@ class SessionGateClient(_ClientBase):
 
     def messages(self, session_id: str) -> list[dict[str, Any]]:
         """The session's transcript, in order."""
-        return parse_response(self.http.get(self._path(session_id)))["messages"]
+        return parse_response(self.http.get(messages_path(session_id)))["messages"]
 
     def close(self) -> None:
         self.http.close()
@@ -247,7 +244,7 @@ class AsyncSessionGateClient(_ClientBase):
 
     async def messages(self, session_id: str) -> list[dict[str, Any]]:
         """The session's transcript, in order."""
-        return parse_response(await self.http.get(self._path(session_id)))["messages"]
+        return parse_response(await self.http.get(messages_path(session_id)))["messages"]
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -27,9 +27,9 @@ from typing import ClassVar
 import httpx
 
 from sessiongate import SessionGateError
-from sessiongate._config import ProviderSettings, Settings
 
 from ._metrics import ALL_PROVIDERS_FAILED, PROVIDER_CALLS, PROVIDER_FAILURES, PROVIDER_SECONDS
+from .settings import GatewaySettings, ProviderSettings
 
 log = logging.getLogger("sessiongate.providers")
 
@@ -83,7 +83,7 @@ class Provider(ABC):
     async def complete(self, messages: Sequence[ChatMessage]) -> str:
         """The assistant's reply to ``messages`` (oldest first)."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 (a no-op by default: only providers with connections override it)
         """Release connections (if any)."""
 
 
@@ -202,7 +202,7 @@ class Failover:
             await provider.aclose()
 
 
-def build_failover(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Failover:
+def build_failover(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport | None = None) -> Failover:
     """The ``providers`` list of ``settings`` as a :class:`Failover` (``transport`` for every openai provider)."""
     return Failover([
         EchoProvider(p) if p.type == "echo" else OpenAIProvider(p, transport=transport)

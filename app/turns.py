@@ -22,8 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sessiongate import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore
-from sessiongate._store import new_record_id, utc_now
+from sessiongate import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore, new_record_id, utc_now
 
 from .providers import ChatMessage, Failover
 

@@ -1,11 +1,13 @@
-"""sessiongate's session layer: locks, lanes and contention middleware for ASGI chat gateways.
+"""sessiongate: session locks, lanes and contention middleware for ASGI chat gateways.
 
-Usable without the ``app`` package. Everything public is re-exported here;
-the underscore modules behind it are private and may change.
+Everything public is re-exported here; the underscore modules behind it are
+private and may change. The gateway (``sessiongate.gateway``) imports nothing else.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from ._backend import Backend, open_backend
-from ._config import Settings
+from ._config import CONFIG_PATH_ENV, Settings, SettingsSection
 from ._errors import (
     BackendUnavailable,
     ConfigError,
@@ -23,15 +25,51 @@ from ._errors import (
     SessionGateError,
     Unauthorized,
 )
-from ._gate import SessionGate, lane_of
-from ._ids import validate_session_id
+from ._gate import (
+    DEFAULT_MAX_BODY_BYTES,
+    Admission,
+    BodyParser,
+    SessionGate,
+    SessionKey,
+    admission_of,
+    client_address,
+    lane_of,
+    parsed_body,
+    read_body,
+    replaying,
+)
+from ._idempotency import MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH
+from ._idempotency import idempotency_key
+from ._ids import SESSION_ID_PATTERN, file_stem, is_valid_session_id, session_id_from_stem, validate_session_id
 from ._lanes import LaneGrant
-from ._store import TranscriptStore
+from ._problem import (
+    EXPOSED_HEADERS,
+    PROBLEM_CONTENT_TYPE,
+    PROBLEM_TYPE_BASE,
+    problem_response,
+    problem_status,
+    send_problem,
+)
+from ._store import TranscriptStore, new_record_id, utc_now
 from .storage import Holder, HolderState, LeaseKind, LeaseStorage, RecordStorage
 
+try:
+    __version__ = version("sessiongate")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
+    "CONFIG_PATH_ENV",
+    "DEFAULT_MAX_BODY_BYTES",
+    "EXPOSED_HEADERS",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "PROBLEM_CONTENT_TYPE",
+    "PROBLEM_TYPE_BASE",
+    "SESSION_ID_PATTERN",
+    "Admission",
     "Backend",
     "BackendUnavailable",
+    "BodyParser",
     "ConfigError",
     "FencedOut",
     "Holder",
@@ -52,10 +90,27 @@ __all__ = [
     "SessionBusy",
     "SessionGate",
     "SessionGateError",
+    "SessionKey",
     "Settings",
+    "SettingsSection",
     "TranscriptStore",
     "Unauthorized",
+    "__version__",
+    "admission_of",
+    "client_address",
+    "file_stem",
+    "idempotency_key",
+    "is_valid_session_id",
     "lane_of",
+    "new_record_id",
     "open_backend",
+    "parsed_body",
+    "problem_response",
+    "problem_status",
+    "read_body",
+    "replaying",
+    "send_problem",
+    "session_id_from_stem",
+    "utc_now",
     "validate_session_id",
 ]

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import limits
 from pydantic import (
@@ -24,18 +24,30 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from ._errors import ConfigError
 from .storage import check_scheme
 
+__all__ = [
+    "BackendSettings",
+    "CONFIG_PATH_ENV",
+    "ContentionSettings",
+    "IdempotencySettings",
+    "LaneSettings",
+    "RateLimitSettings",
+    "SessionWriteLockSettings",
+    "Settings",
+    "SettingsSection",
+    "TranscriptSettings",
+]
+
 ENV_PREFIX = "SESSIONGATE_"
 CONFIG_PATH_ENV = "SESSIONGATE_CONFIG"
 
 
-class _Section(BaseModel):
+class SettingsSection(BaseModel):
     """Common model behaviour: camelCase keys, unknown keys refused, no coercion of bool/str mixups."""
 
     model_config = ConfigDict(
@@ -46,7 +58,7 @@ class _Section(BaseModel):
     )
 
 
-class SessionWriteLockSettings(_Section):
+class SessionWriteLockSettings(SettingsSection):
     timeout_ms: int = Field(2_000, ge=0, le=600_000, description="longest wait for the write lock")
     stale_ms: int = Field(
         30_000,
@@ -56,7 +68,7 @@ class SessionWriteLockSettings(_Section):
     )
 
 
-class LaneSettings(_Section):
+class LaneSettings(SettingsSection):
     mode: Literal["reject", "queue"] = "reject"
     max_wait_ms: int = Field(0, ge=0, le=600_000, description="0 is a non-blocking try")
     queue_cap: int = Field(8, ge=1, le=10_000)
@@ -65,11 +77,11 @@ class LaneSettings(_Section):
     )
 
 
-class ContentionSettings(_Section):
+class ContentionSettings(SettingsSection):
     status: Literal[409, 429] = 409
 
 
-class RateLimitSettings(_Section):
+class RateLimitSettings(SettingsSection):
     per_session: str | None = "60/minute"
     per_sender: str | None = "120/minute"
 
@@ -85,7 +97,7 @@ class RateLimitSettings(_Section):
         return None
 
 
-class BackendSettings(_Section):
+class BackendSettings(SettingsSection):
     url: str = "file://"
     key_prefix: str = Field("sessiongate", min_length=1, max_length=64)
 
@@ -95,61 +107,21 @@ class BackendSettings(_Section):
         return check_scheme(value)
 
 
-class ProviderSettings(_Section):
-    id: str = Field(min_length=1, max_length=64)
-    type: Literal["echo", "openai"]
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = None
-    timeout_ms: int = Field(30_000, ge=1, le=600_000)
-    delay_ms: int = Field(0, ge=0, le=600_000, description="echo only: simulated model time")
-
-    @model_validator(mode="after")
-    def _openai_needs_base_url(self) -> ProviderSettings:
-        if self.type == "openai" and not self.base_url:
-            raise ValueError("an openai provider needs baseUrl")
-        return self
-
-
-class TelegramSettings(_Section):
-    secret_token: str | None = None
-    bot_token_env: str = "TELEGRAM_BOT_TOKEN"
-    api_base: str = "https://api.telegram.org"
-
-
-class SlackSettings(_Section):
-    signing_secret_env: str = "SLACK_SIGNING_SECRET"
-    bot_token_env: str = "SLACK_BOT_TOKEN"
-    api_base: str = "https://slack.com/api"
-
-
-class ChannelSettings(_Section):
-    telegram: TelegramSettings | None = None
-    slack: SlackSettings | None = None
-
-
-class AuthSettings(_Section):
-    tokens: list[str] = Field(default_factory=list)
-
-
-class ServerSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8787, ge=0, le=65_535)
-    workers: int = Field(1, ge=1, le=64)
-    max_body_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576)
-    log_format: Literal["text", "json"] = "text"
-
-
-class TranscriptSettings(_Section):
+class TranscriptSettings(SettingsSection):
     fsync: Literal["always", "never"] = "always"
 
 
-class IdempotencySettings(_Section):
+class IdempotencySettings(SettingsSection):
     ttl_ms: int = Field(86_400_000, ge=1_000, le=30 * 86_400_000)
 
 
-class Settings(_Section):
-    """The whole configuration. ``Settings()`` is the embedded default: it runs as is."""
+class Settings(SettingsSection):
+    """The session layer's configuration. ``Settings()`` is the embedded default: it runs as is.
+
+    An application adds its own sections by subclassing (the gateway's
+    ``GatewaySettings`` adds providers, channels, auth and server); loading,
+    environment names and error messages are inherited unchanged.
+    """
 
     data_dir: Path = Path("./data")
     session_write_lock: SessionWriteLockSettings = SessionWriteLockSettings()
@@ -157,22 +129,8 @@ class Settings(_Section):
     contention: ContentionSettings = ContentionSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     backend: BackendSettings = BackendSettings()
-    providers: list[ProviderSettings] = Field(
-        default_factory=lambda: [ProviderSettings(id="echo", type="echo")], min_length=1
-    )
-    channels: ChannelSettings = ChannelSettings()
-    auth: AuthSettings = AuthSettings()
-    server: ServerSettings = ServerSettings()
     transcript: TranscriptSettings = TranscriptSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
-
-    @field_validator("providers")
-    @classmethod
-    def _unique_provider_ids(cls, providers: list[ProviderSettings]) -> list[ProviderSettings]:
-        ids = [p.id for p in providers]
-        if len(ids) != len(set(ids)):
-            raise ValueError(f"provider ids must be unique, got {ids}")
-        return providers
 
     @property
     def sessions_dir(self) -> Path:
@@ -185,7 +143,7 @@ class Settings(_Section):
         *,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
-    ) -> Settings:
+    ) -> Self:
         """Build settings from file (``path`` or ``$SESSIONGATE_CONFIG``), environment and CLI overrides.
 
         ``overrides`` uses camelCase keys (``{"dataDir": "/x", "server": {"port": 1}}``).

@@ -3,11 +3,15 @@
 A chat gateway must run one turn per conversation at a time. Waiting for a
 lock inside the handler makes a second message hang, then fail as if the model
 were down. SessionGate decides *before* the endpoint runs, in the contract's
-order: rate limits, then the ``Idempotency-Key``, then the session's lane. A
-request that cannot run now gets a problem+json answer with ``Retry-After`` at
-once (no transcript I/O, no body read unless an Idempotency-Key asks for it);
-an admitted one holds the lane until its response is complete, the client goes
-away, or the endpoint raises, whichever comes first.
+order: body validation (a hook), rate limits, then the ``Idempotency-Key``,
+then the session's lane. A request that cannot run now gets a problem+json
+answer with ``Retry-After`` at once; an admitted one holds the lane until its
+response is complete, the client goes away, or the endpoint raises, whichever
+comes first.
+
+The gate reads what it needs once (session id, Idempotency-Key, the body when
+a parser or the key asks for it) and hands it on in the scope as an
+:class:`Admission`, so nothing after it parses the request again.
 
 As in Starlette's GZip middleware, per-request state lives in a
 :class:`_Responder`, never on the shared middleware instance.
@@ -15,8 +19,10 @@ As in Starlette's GZip middleware, per-request state lives in a
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,15 +39,65 @@ from ._ratelimit import RateLimits
 if TYPE_CHECKING:
     from ._lanes import LaneGrant
 
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "Admission",
+    "BodyParser",
+    "SessionGate",
+    "SessionKey",
+    "admission_of",
+    "client_address",
+    "lane_of",
+    "parsed_body",
+    "read_body",
+    "replaying",
+]
+
 SessionKey = Callable[[Scope], "str | None"]
-LANE_STATE_KEY = "sessiongate.lane"
+#: ``body_parser(scope)``: the parser of this request's body (``None``: the gate reads no body for it).
+#: The parser raises a :class:`SessionGateError` for a bad body; what it returns is :func:`parsed_body`.
+BodyParser = Callable[[Scope], "Callable[[bytes], object] | None"]
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+_ADMISSION = "sessiongate.admission"
+_BODY = "sessiongate.body"
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 
 
-def lane_of(scope: Scope) -> LaneGrant | None:
-    """The lane grant SessionGate put on an admitted request (``request.state`` in Starlette)."""
+class _Verdict(enum.Enum):
+    ADMITTED = "admitted"  # holds the lane: run the app
+    NOT_GATED = "not gated"  # not a session request: pass it through untouched
+    ANSWERED = "answered"  # answered by the gate (replay), or the client left
+
+
+@dataclass(slots=True)
+class Admission:
+    """What the gate read of an admitted request, handed on so nothing after it reads it again."""
+
+    session_id: str  # validated
+    idempotency_key: str | None  # as the gate read it: quotes and blanks stripped
+    body: object  # what the body parser returned (``None`` without one)
+    grant: LaneGrant  # the session's lane, held until the response is complete
+
+
+def admission_of(scope: Scope) -> Admission | None:
+    """The :class:`Admission` SessionGate put on an admitted request (``None`` for the rest)."""
     state = scope.get("state")
-    return state.get(LANE_STATE_KEY) if state else None
+    return state.get(_ADMISSION) if state else None
+
+
+def lane_of(scope: Scope) -> LaneGrant | None:
+    """The lane grant SessionGate put on an admitted request."""
+    admission = admission_of(scope)
+    return admission.grant if admission is not None else None
+
+
+def parsed_body(scope: Scope) -> object:
+    """What the gate's body parser made of this request's body (``None`` if it parsed none).
+
+    Set before ``session_key`` is called, so a session may be named in the body.
+    """
+    state = scope.get("state")
+    return state.get(_BODY) if state else None
 
 
 @functools.cache
@@ -57,13 +113,16 @@ def client_address(scope: Scope) -> str | None:
 
 
 class SessionGate:
-    """Pure ASGI middleware: rate limits → Idempotency-Key → session lane, then the app.
+    """Pure ASGI middleware: body hook → rate limits → Idempotency-Key → session lane, then the app.
 
     ``session_key(scope)`` names the session of a request (``None``: not a
     session request, passed through untouched). ``sender_key(scope)`` names
     the sender for ``rateLimits.perSender`` (default: the client address).
-    Without ``backend`` one is opened from ``settings`` on first use and
-    closed at lifespan shutdown.
+    ``body_parser(scope)`` may return a parser for the request's body: the
+    gate then reads the body (up to ``max_body_bytes``) before ``session_key``,
+    refuses a bad one with the parser's error, and keeps the result for
+    :func:`parsed_body`. Without ``backend`` one is opened from ``settings``
+    on first use and closed at lifespan shutdown.
     """
 
     def __init__(
@@ -74,11 +133,15 @@ class SessionGate:
         backend: Backend | None = None,
         session_key: SessionKey,
         sender_key: SessionKey | None = None,
+        body_parser: BodyParser | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.app = app
         self.settings = settings or (backend.settings if backend is not None else Settings())
         self.session_key = session_key
         self.sender_key = sender_key or client_address
+        self.body_parser = body_parser
+        self.max_body_bytes = max_body_bytes
         self.rate_limits = RateLimits(self.settings)
         self._backend = backend
         self._owns_backend = backend is None
@@ -101,16 +164,14 @@ class SessionGate:
         return self._idempotency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._closing_on_shutdown(send))
-            return
-        session_id = self.session_key(scope) if scope["type"] == "http" else None
-        if session_id is None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._closing_on_shutdown(send)
             await self.app(scope, receive, send)
             return
         responder = _Responder(self, scope, receive, send)
         try:
-            admitted = await self._admit(session_id, responder)
+            verdict = await self._admit(responder)
         except SessionGateError as error:
             await responder.abandon_claim()
             await self._refuse(send, error)
@@ -118,28 +179,40 @@ class SessionGate:
         except BaseException:
             await responder.abandon_claim()
             raise
-        if admitted:
+        if verdict is _Verdict.ADMITTED:
             await responder.run()
+        elif verdict is _Verdict.NOT_GATED:
+            await self.app(scope, responder.receive, send)
 
-    async def _admit(self, session_id: str, responder: _Responder) -> bool:
-        """Run the checks in the contract's order; ``False`` if the request was answered here."""
+    async def _admit(self, responder: _Responder) -> _Verdict:
+        """Run the checks in the contract's order; raise the answer to a request that may not run."""
+        scope = responder.scope
+        parse = self.body_parser(scope) if self.body_parser is not None else None
+        if parse is not None:
+            body = await responder.read_body(self.max_body_bytes)
+            if body is None:
+                return _Verdict.ANSWERED  # the client went away while sending its body: nobody to answer
+            scope.setdefault("state", {})[_BODY] = parse(body)
+        session_id = self.session_key(scope)
+        if session_id is None:
+            return _Verdict.NOT_GATED
         validate_session_id(session_id)
         if self.rate_limits.enabled:
-            await self.rate_limits.hit(session_id=session_id, sender=self.sender_key(responder.scope))
-        key = idempotency_key(responder.scope)
+            await self.rate_limits.hit(session_id=session_id, sender=self.sender_key(scope))
+        key = idempotency_key(scope)
         if key is not None:
-            body = await read_body(responder.receive, max_bytes=self.settings.server.max_body_bytes)
+            body = responder.body if responder.body is not None else await responder.read_body(self.max_body_bytes)
             if body is None:
-                return False  # the client went away while sending its body
-            responder.receive = replaying(body, responder.receive)
-            outcome = await self.idempotency.begin(session_id, responder.scope, key, body)
+                return _Verdict.ANSWERED
+            outcome = await self.idempotency.begin(session_id, scope, key, body)
             if isinstance(outcome, StoredAnswer):
                 _answers("idempotent-replayed").inc()
                 await _replay(responder.send, outcome)
-                return False
+                return _Verdict.ANSWERED
             responder.claim = outcome
-        responder.grant = await self.backend.lanes.acquire(session_id)
-        return True
+        grant = responder.grant = await self.backend.lanes.acquire(session_id)
+        scope.setdefault("state", {})[_ADMISSION] = Admission(session_id, key, parsed_body(scope), grant)
+        return _Verdict.ADMITTED
 
     async def _refuse(self, send: Send, error: SessionGateError) -> None:
         _answers(error.problem_type).inc()
@@ -196,13 +269,16 @@ async def _replay(send: Send, answer: StoredAnswer) -> None:
 class _Responder:
     """One admitted request: holds its lane (and Idempotency-Key claim) and lets go exactly once."""
 
-    __slots__ = ("gate", "scope", "receive", "send", "grant", "claim", "_status", "_headers", "_body", "_finished")
+    __slots__ = (
+        "gate", "scope", "receive", "send", "body", "grant", "claim", "_status", "_headers", "_body", "_finished"
+    )
 
     def __init__(self, gate: SessionGate, scope: Scope, receive: Receive, send: Send) -> None:
         self.gate = gate
         self.scope = scope
         self.receive = receive
         self.send = send
+        self.body: bytes | None = None
         self.grant: LaneGrant | None = None
         self.claim: Claim | None = None
         self._status = 0
@@ -210,10 +286,16 @@ class _Responder:
         self._body: list[bytes] = []
         self._finished = False
 
+    async def read_body(self, max_bytes: int) -> bytes | None:
+        """Read the whole body once and replay it to the app; ``None`` if the client went away first."""
+        body = await read_body(self.receive, max_bytes=max_bytes)
+        if body is not None:
+            self.body = body
+            self.receive = replaying(body, self.receive)
+        return body
+
     async def run(self) -> None:
         """Call the app with the lane held; let go when the response is done, the client leaves, or it raises."""
-        state = self.scope.setdefault("state", {})
-        state[LANE_STATE_KEY] = self.grant
         try:
             await self.gate.app(self.scope, self._receive, self._send)
         finally:

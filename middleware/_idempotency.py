@@ -51,7 +51,7 @@ def idempotency_key(scope: Scope) -> str | None:
     """The request's ``Idempotency-Key`` (an sf-string; bare tokens accepted), or ``None``."""
     for name, value in scope["headers"]:
         if name == b"idempotency-key":
-            key = value.decode("latin-1").strip()
+            key: str = value.decode("latin-1").strip()
             if len(key) >= 2 and key[0] == key[-1] == '"':
                 key = key[1:-1]
             if not 1 <= len(key) <= MAX_KEY_LENGTH:

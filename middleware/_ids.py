@@ -13,7 +13,7 @@ import re
 
 from ._errors import InvalidSessionId
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _UNSAFE_IN_FILE_NAME = re.compile(r"[^A-Za-z0-9._-]|^\.")
 
 
@@ -21,7 +21,7 @@ def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is a valid session id, else raise ``InvalidSessionId``."""
     if (
         not isinstance(session_id, str)
-        or not _SESSION_ID.fullmatch(session_id)
+        or not SESSION_ID_PATTERN.fullmatch(session_id)
         or session_id in (".", "..")
     ):
         raise InvalidSessionId(str(session_id))

@@ -39,10 +39,10 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
-from .storage import is_shared as storage_is_shared
 from ._config import Settings
 from ._errors import BackendUnavailable, RateLimited
 from ._window_counts import LazyMemoryStorage
+from .storage import is_shared as storage_is_shared
 
 __all__ = ["Policy", "RateLimits", "is_shared"]
 
@@ -65,13 +65,15 @@ def _storage_for(settings: Settings) -> Storage:
         return LazyMemoryStorage()
     from .storage.redis import CONNECTION_OPTIONS  # short timeouts + one reconnect: survives a Redis restart
 
-    return storage_from_string(
+    storage = storage_from_string(
         "async+" + settings.backend.url,
         implementation="redispy",
         key_prefix=f"{settings.backend.key_prefix}:ratelimit",
         wrap_exceptions=True,
         **CONNECTION_OPTIONS,
     )
+    assert isinstance(storage, Storage)  # an "async+" URL gives limits' async storage
+    return storage
 
 
 def _unavailable(error: StorageError) -> BackendUnavailable:
@@ -128,4 +130,4 @@ class RateLimits:
     async def aclose(self) -> None:
         """Drop the Redis connection pool, if any."""
         if isinstance(self._storage, RedisStorage):
-            await self._storage.bridge.storage.aclose()
+            await self._storage.bridge.storage.aclose()  # type: ignore[attr-defined]  # redis-py bridge's client

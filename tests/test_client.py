@@ -14,22 +14,22 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
 import pytest
 
+from sessiongate import Settings
 from sessiongate.gateway.client import (
     AsyncSessionGateClient,
-    retry_after_ms,
     GaveUp,
     ProblemError,
     RetryNotice,
     RetryPolicy,
     SessionGateClient,
+    retry_after_ms,
 )
-from sessiongate import Settings
 from sessiongate.storage import LeaseKind, open_storage
 from tests.support import GatewayProcess, free_port, run_cli, wait_until
 
@@ -204,7 +204,7 @@ def test_server_hint_is_read_from_body_then_header(headers: dict, problem: dict,
 
 
 def test_server_hint_may_be_an_http_date() -> None:
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert retry_after_ms(httpx.Response(503, headers={"Retry-After": when}), {}) == pytest.approx(30_000, abs=1500)
 
 

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from sessiongate.gateway.cli import build_parser, with_default_command
-from sessiongate._config import Settings
 from sessiongate._problem import PROBLEM_TYPE_BASE
+from sessiongate.gateway.cli import build_parser, with_default_command
+from sessiongate.gateway.settings import GatewaySettings
 from tests.support import REPO_ROOT, GatewayProcess
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -114,7 +114,7 @@ def test_compose_runs_two_gateways_on_one_redis_and_one_transcript_volume() -> N
 def test_compose_environment_is_valid_settings() -> None:
     environment = yaml_file("compose.yaml")["services"]["gateway-a"]["environment"]
     env = {key: value for key, value in environment.items() if key != "SESSIONGATE_CONFIG"}
-    settings = Settings.load(EXAMPLE_CONFIG, env=env)
+    settings = GatewaySettings.load(EXAMPLE_CONFIG, env=env)
     assert settings.backend.url == "redis://redis:6379/0"
     assert str(settings.data_dir) == "/data"
 
@@ -219,7 +219,7 @@ def test_k8s_service_and_disruption_budget_select_the_pods() -> None:
 def test_k8s_config_map_is_the_example_config_and_valid() -> None:
     config = json.loads(k8s_objects()["ConfigMap"]["data"]["config.json"])
     assert config == json.loads(EXAMPLE_CONFIG.read_text())
-    settings = Settings.load(EXAMPLE_CONFIG, env={})
+    settings = GatewaySettings.load(EXAMPLE_CONFIG, env={})
     assert settings.backend.url.startswith("redis://")
     assert str(settings.data_dir) == "/data"
 
@@ -256,7 +256,7 @@ def test_systemd_unit_runs_serve_as_a_service_user_and_restarts_on_failure() -> 
     assert unit["Install.WantedBy"] == ["multi-user.target"]
     environment = dict(item.split("=", 1) for item in unit["Service.Environment"])
     assert environment["SESSIONGATE_BACKEND__URL"].startswith("redis://127.0.0.1:")
-    Settings.load(EXAMPLE_CONFIG, env=environment)
+    GatewaySettings.load(EXAMPLE_CONFIG, env=environment)
 
 
 # the probes the manifests name exist on a real gateway started from the example config

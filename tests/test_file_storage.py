@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from sessiongate._errors import BackendUnavailable
-from sessiongate.storage import file as file_storage
 from sessiongate.storage import HolderState, LeaseKind
+from sessiongate.storage import file as file_storage
 from sessiongate.storage.file import FileRecords, FileStorage, LockPathAttack
 from tests.support import wait_until
 from tests.workers import settings_for, spawn, wait_for_report

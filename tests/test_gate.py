@@ -22,10 +22,9 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from sessiongate import SessionGate, Settings, lane_of
+from sessiongate import SessionGate, Settings, admission_of, lane_of
 from tests.support import NO_RATE_LIMITS, REPO_ROOT, UvicornThread, assert_problem, free_port, wait_for
 from tests.workers import settings_for
-
 
 
 def session_of(scope: Scope) -> str | None:
@@ -49,7 +48,8 @@ class Endpoints:
         await asyncio.sleep(int(request.query_params.get("ms", "0")) / 1000)
         call["end"] = time.monotonic()
         grant = lane_of(request.scope)
-        assert grant is getattr(request.state, "sessiongate.lane")
+        admission = admission_of(request.scope)
+        assert grant is admission.grant and admission.session_id == request.path_params["session"]
         payload = {"call": len(self.calls), "fence": grant.fence, "session": grant.session_id}
         return JSONResponse(payload, status_code=int(request.query_params.get("status", "200")))
 
@@ -297,7 +297,7 @@ async def test_retryable_answers_are_not_stored_under_the_key(tmp_path: Path) ->
 
 @pytest.mark.anyio
 async def test_a_buffered_body_is_bounded_by_max_body_bytes(tmp_path: Path) -> None:
-    with serve(make_settings(tmp_path, server={"maxBodyBytes": 64})) as (server, endpoints, _):
+    with serve(make_settings(tmp_path), max_body_bytes=64) as (server, endpoints, _):
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             too_large = await client.post("/s/s1/turn", content=b"x" * 100, headers={"Idempotency-Key": "k"})
             bad_key = await client.post("/s/s1/turn", content=b"x", headers={"Idempotency-Key": ""})

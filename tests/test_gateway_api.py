@@ -18,11 +18,12 @@ import httpx
 import jsonschema_rs
 import pytest
 
-from sessiongate.gateway._server import create_app
 from sessiongate._problem import PROBLEM_TYPE_BASE
+from sessiongate.gateway._server import create_app
 from tests.fakes import gateway_settings, serve_gateway
-from tests.support import assert_problem, messages_url, wait_for
 from tests.fakes.openai_server import FakeOpenAI
+from tests.support import assert_problem, messages_url, wait_for
+
 
 def test_post_then_get_the_transcript(tmp_path: Path) -> None:
     with serve_gateway(tmp_path / "data") as server, httpx.Client(timeout=10) as client:
@@ -199,7 +200,7 @@ def test_openapi_describes_every_route_and_real_answers_match(tmp_path: Path) ->
     assert document["openapi"].startswith("3.1")
     described = set(document["paths"])
     for route in app.routes:
-        path = getattr(route, "path", None)
+        path = getattr(route, "path_format", None)
         if path and not path.startswith("/static"):
             assert path in described, f"{path} is not in /openapi.json"
     for name in ("session-busy", "queue-full", "rate-limited", "idempotency-in-flight", "idempotency-key-reused",

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sessiongate import open_backend
-from sessiongate._config import Settings
+from sessiongate import Settings, open_backend
 from sessiongate._errors import IdempotencyInFlight, IdempotencyKeyReused, InvalidRequest
 from sessiongate._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
 from sessiongate.storage import RecordStorage

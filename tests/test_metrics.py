@@ -101,7 +101,8 @@ def test_series_move_with_traffic(gateway: GatewayProcess, tmp_path: Path) -> No
     assert metric_delta(before, after, "sessiongate_provider_calls_total", provider="broken", outcome="error") >= 1
     assert metric_delta(before, after, "sessiongate_provider_calls_total", provider="echo", outcome="ok") >= 1
     assert metric_delta(before, after, "sessiongate_provider_failures_total", provider="broken") >= 1
-    assert metric_delta(before, after, "sessiongate_provider_failures_total", provider="echo") == 0  # contention is no provider error
+    # contention is no provider error
+    assert metric_delta(before, after, "sessiongate_provider_failures_total", provider="echo") == 0
     assert metric_delta(before, after, "sessiongate_takeovers_total", kind="lane", reason="dead-pid") == 1
     assert metric_value(after, "sessiongate_queue_depth") == 0
     assert metric_value(after, "sessiongate_fencing_refusals_total") == 0

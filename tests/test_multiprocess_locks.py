@@ -158,7 +158,8 @@ async def test_queue_order_holds_across_processes(tmp_path: Path) -> None:
         for number in range(4):
             workers.append(spawn("queue", settings, "q", f"w{number}", out))
             wait_until(
-                lambda: queue_dir.exists() and len([n for n in os.listdir(queue_dir) if n[0] != "."]) == number + 1,
+                lambda count=number + 1: queue_dir.exists()
+                and len([n for n in os.listdir(queue_dir) if n[0] != "."]) == count,
                 timeout=20,
                 what=f"worker {number} queued",
             )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sessiongate._config import Settings
+from sessiongate import Settings
 from sessiongate._errors import (
     BackendUnavailable,
     IdempotencyInFlight,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import httpx
 import pytest
 
+from sessiongate import LockTimeout, SessionBusy
 from sessiongate.gateway._metrics import PROVIDER_FAILURES
 from sessiongate.gateway.providers import (
     AllProvidersFailed,
@@ -27,8 +28,7 @@ from sessiongate.gateway.providers import (
     ProviderError,
     chat_completions_url,
 )
-from sessiongate import LockTimeout, SessionBusy
-from sessiongate._config import ProviderSettings
+from sessiongate.gateway.settings import ProviderSettings
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import free_port
 

@@ -9,9 +9,8 @@ import time
 import pytest
 import redis
 
-from sessiongate._config import Settings
+from sessiongate import Settings, _window_counts
 from sessiongate._errors import BackendUnavailable, RateLimited
-from sessiongate import _window_counts
 from sessiongate._ratelimit import RateLimits, is_shared
 from sessiongate._window_counts import LazyMemoryStorage
 from tests.support import free_port

@@ -20,7 +20,7 @@ from dataclasses import replace
 import pytest
 import redis
 
-from sessiongate._config import Settings
+from sessiongate import Settings
 from sessiongate._errors import BackendUnavailable
 from sessiongate.storage import Holder, HolderState, LeaseKind, encode_holder
 from sessiongate.storage.base import holder_head
@@ -55,7 +55,7 @@ async def other(redis_url: str) -> AsyncIterator[RedisStorage]:
 HOLDER_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from sessiongate._config import Settings
+    from sessiongate import Settings
     from sessiongate.storage import LeaseKind
     from sessiongate.storage.redis import RedisStorage
 

@@ -19,8 +19,9 @@ import anyio
 import httpx
 import pytest
 
-from sessiongate.gateway._server import create_app
 from sessiongate import Settings, open_backend
+from sessiongate.gateway._server import create_app
+from sessiongate.gateway.settings import GatewaySettings
 from tests.fakes.slack_api import BOT_TOKEN, FakeSlackApi
 from tests.support import NO_RATE_LIMITS, GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript
 
@@ -106,7 +107,7 @@ def test_bad_signature_or_stale_timestamp_is_401(gateway: GatewayProcess, case: 
     "slack", [None, {"signingSecretEnv": "H5_TEST_UNSET_SLACK_SECRET"}], ids=["no-section", "no-signing-secret"]
 )
 def test_unconfigured_slack_answers_404_channel_not_configured(tmp_path: Path, slack: dict[str, Any] | None) -> None:
-    settings = Settings.model_validate({"dataDir": str(tmp_path), "channels": {"slack": slack}})
+    settings = GatewaySettings.model_validate({"dataDir": str(tmp_path), "channels": {"slack": slack}})
     with UvicornThread(create_app(settings)) as server:
         response = signed_post(server.url, {"type": "url_verification", "challenge": "c"})
     assert response.status_code == 404

@@ -14,10 +14,19 @@ import anyio
 import httpx
 import pytest
 
-from sessiongate.gateway._server import create_app
 from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate.gateway._server import create_app
+from sessiongate.gateway.settings import GatewaySettings
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
-from tests.support import NO_RATE_LIMITS, GatewayProcess, UvicornThread, metric_delta, scrape_metrics, transcript, wait_until
+from tests.support import (
+    NO_RATE_LIMITS,
+    GatewayProcess,
+    UvicornThread,
+    metric_delta,
+    scrape_metrics,
+    transcript,
+    wait_until,
+)
 
 ENV = {"TELEGRAM_BOT_TOKEN": BOT_TOKEN}
 
@@ -60,7 +69,7 @@ def test_missing_or_wrong_secret_is_401_and_nothing_is_stored(gateway: GatewayPr
 def test_unconfigured_telegram_answers_404_channel_not_configured(
     tmp_path: Path, telegram: dict[str, Any] | None
 ) -> None:
-    settings = Settings.model_validate({"dataDir": str(tmp_path), "channels": {"telegram": telegram}})
+    settings = GatewaySettings.model_validate({"dataDir": str(tmp_path), "channels": {"telegram": telegram}})
     with UvicornThread(create_app(settings)) as server:
         response = post_update(server.url, update(1, 10, "anyone there?"))
     assert response.status_code == 404

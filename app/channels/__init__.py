@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import Settings
-
+from ..settings import GatewaySettings
 from .slack import SlackChannel, slack_webhook
 from .telegram import TelegramChannel, telegram_webhook
 from .worker import Channel, ChannelNotConfigured, ChannelWorker
@@ -35,7 +34,7 @@ def routes() -> list[BaseRoute]:
     ]
 
 
-def configured_channels(settings: Settings) -> list[Channel]:
+def configured_channels(settings: GatewaySettings) -> list[Channel]:
     channels: list[Channel] = []
     if settings.channels.telegram is not None:
         channels.append(TelegramChannel(settings.channels.telegram))

@@ -27,10 +27,9 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sessiongate import RetryableError, Unauthorized
-from sessiongate._config import SlackSettings
-from sessiongate._ids import is_valid_session_id
+from sessiongate import RetryableError, Unauthorized, is_valid_session_id
 
+from ..settings import SlackSettings
 from .worker import (
     Acceptance,
     Channel,

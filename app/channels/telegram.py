@@ -18,10 +18,9 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from sessiongate import InvalidRequest, SessionBusy, Unauthorized
-from sessiongate._config import TelegramSettings
-from sessiongate._problem import problem_response
+from sessiongate import InvalidRequest, SessionBusy, Unauthorized, problem_response
 
+from ..settings import TelegramSettings
 from .worker import (
     Acceptance,
     Channel,

@@ -47,11 +47,11 @@ import httpx
 from starlette.requests import Request
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from sessiongate.gateway._body import json_object
-from sessiongate.gateway._logging import SESSION_ID
-from sessiongate.gateway._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
-from sessiongate import LaneGrant, RetryableError, SessionBusy, SessionGateError
-from sessiongate._ids import file_stem
+from sessiongate import LaneGrant, RetryableError, SessionBusy, SessionGateError, file_stem
+
+from .._body import json_object
+from .._logging import SESSION_ID
+from .._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
 
 if TYPE_CHECKING:
     from sessiongate.gateway._context import Gateway

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sessiongate import Settings
+from ..settings import GatewaySettings
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -23,7 +23,7 @@ def settings_options() -> argparse.ArgumentParser:
     return parent
 
 
-def load_settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
+def load_settings(args: argparse.Namespace, **sections: dict[str, Any]) -> GatewaySettings:
     """Settings as ``serve`` resolves them; raises ``ConfigError`` naming the key.
 
     ``sections`` are further command-line overrides (``server={"port": 1}``); empty ones are left out.
@@ -31,4 +31,4 @@ def load_settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Setti
     overrides: dict[str, Any] = {name: values for name, values in sections.items() if values}
     if args.data_dir is not None:
         overrides["dataDir"] = args.data_dir
-    return Settings.load(args.config, overrides=overrides)
+    return GatewaySettings.load(args.config, overrides=overrides)

@@ -23,9 +23,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessiongate import Backend, BackendUnavailable, ConfigError, HolderState, Settings, TranscriptStore, open_backend
-from sessiongate._config import CONFIG_PATH_ENV
+from sessiongate import (
+    CONFIG_PATH_ENV,
+    Backend,
+    BackendUnavailable,
+    ConfigError,
+    HolderState,
+    TranscriptStore,
+    open_backend,
+)
 
+from ..settings import GatewaySettings
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
 from .locks import holder_views, transcript_info
 
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if failed else EXIT_OK
 
 
-async def _checks(settings: Settings, config_path: str | None) -> list[Check]:
+async def _checks(settings: GatewaySettings, config_path: str | None) -> list[Check]:
     source = f"file {config_path}" if config_path else "defaults"
     checks = [Check(Level.OK, "config", f"valid ({source} + environment)"), _data_dir(settings)]
     if checks[-1].level is Level.FAIL and settings.backend.url.startswith("file://"):
@@ -88,7 +96,7 @@ async def _checks(settings: Settings, config_path: str | None) -> list[Check]:
     return checks
 
 
-def _data_dir(settings: Settings) -> Check:
+def _data_dir(settings: GatewaySettings) -> Check:
     data_dir = Path(settings.data_dir).resolve()
     created = not data_dir.exists()
     try:
@@ -102,7 +110,7 @@ def _data_dir(settings: Settings) -> Check:
     return Check(Level.OK, "data dir", f"{data_dir} writable{' (created)' if created else ''}")
 
 
-async def _backend_reachable(settings: Settings, backend: Backend) -> Check:
+async def _backend_reachable(settings: GatewaySettings, backend: Backend) -> Check:
     started = time.monotonic()
     try:
         await asyncio.wait_for(backend.ping(), PING_TIMEOUT_S)
@@ -112,7 +120,7 @@ async def _backend_reachable(settings: Settings, backend: Backend) -> Check:
     return Check(Level.OK, "backend", f"{settings.backend.url} reachable ({(time.monotonic() - started) * 1000:.0f} ms)")
 
 
-async def _lock_states(settings: Settings, backend: Backend) -> Check:
+async def _lock_states(settings: GatewaySettings, backend: Backend) -> Check:
     views = await holder_views(backend.storage, settings)
     counts = Counter(view.state for view in views)
     summary = ", ".join(f"{counts[state]} {state.value}" for state in HolderState if counts[state]) or "none held"
@@ -139,7 +147,7 @@ def _some(paths: list[str], shown: int = 3) -> str:
     return ", ".join(paths[:shown]) + more
 
 
-def _providers(settings: Settings) -> Iterator[Check]:
+def _providers(settings: GatewaySettings) -> Iterator[Check]:
     for provider in settings.providers:
         if provider.api_key_env and not os.environ.get(provider.api_key_env):
             yield Check(Level.WARN, "provider", f"{provider.id} ({provider.type}): ${provider.api_key_env} is not set")

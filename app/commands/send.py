@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from sessiongate.gateway.client import DEFAULT_URL, GaveUp, ProblemError, RetryNotice, RetryPolicy, SessionGateClient
+from ..client import DEFAULT_URL, GaveUp, ProblemError, RetryNotice, RetryPolicy, SessionGateClient
 
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_CLIENT_ERROR, EXIT_GAVE_UP = 0, 1, 2, 3
 

@@ -21,12 +21,14 @@ from typing import Any
 
 import uvicorn
 
-from sessiongate import ConfigError, Settings
+from sessiongate import ConfigError
 
 from .._logging import configure_logging
 from .._server import SETTINGS_ENV
 from ..routes.metrics import MULTIPROC_ENV
+from ..settings import GatewaySettings
 from ._settings import EXIT_USAGE, load_settings, settings_options
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def ensure_data_dir(settings: Settings) -> None:
+def ensure_data_dir(settings: GatewaySettings) -> None:
     """Create ``<dataDir>/sessions`` now, so an unusable data dir is a config error, not a failed startup."""
     try:
         settings.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -78,7 +80,7 @@ def ensure_data_dir(settings: Settings) -> None:
         raise ConfigError("dataDir", f"cannot create {settings.sessions_dir}: {exc.strerror}") from None
 
 
-def multiprocess_metrics_dir(settings: Settings) -> Path:
+def multiprocess_metrics_dir(settings: GatewaySettings) -> Path:
     """A fresh, empty folder for prometheus-client's per-worker files, exported to the workers."""
     path = Path(settings.data_dir).resolve() / "metrics" / f"{os.getpid()}-{time.time_ns()}"
     path.mkdir(parents=True)

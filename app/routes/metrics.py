@@ -14,7 +14,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 

@@ -15,11 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate._idempotency import MAX_KEY_LENGTH
-from sessiongate._ids import _SESSION_ID
-from sessiongate._problem import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE
+from sessiongate import MAX_IDEMPOTENCY_KEY_LENGTH, PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, SESSION_ID_PATTERN
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
+from ..paths import MESSAGES
 
 PROBLEM_TYPES = {
     "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status)",
@@ -132,7 +131,7 @@ def openapi_document() -> dict[str, Any]:
             ),
         },
         "paths": {
-            "/v1/sessions/{sessionId}/messages": {
+            MESSAGES: {
                 "parameters": [_SESSION_ID_PARAM],
                 "post": {
                     "summary": "Send a message and get the reply (one turn)",
@@ -142,7 +141,7 @@ def openapi_document() -> dict[str, Any]:
                         "in": "header",
                         "required": False,
                         "description": "repeat-safe retries: a repeat gets the stored answer",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
                     }],
                     "requestBody": {
                         "required": True,
@@ -201,7 +200,7 @@ def _schemas() -> dict[str, Any]:
         },
     }
     return {
-        "SessionId": {"type": "string", "pattern": f"^{_SESSION_ID.pattern}$", "not": {"enum": [".", ".."]}},
+        "SessionId": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$", "not": {"enum": [".", ".."]}},
         "MessageIn": {
             "type": "object",
             "required": ["text"],

@@ -237,7 +237,8 @@ class FileRecords(RecordStorage):
         except FileNotFoundError:
             return None
         try:
-            return json.loads(os.read(fd, os.fstat(fd).st_size or 1))
+            entry: dict[str, Any] = json.loads(os.read(fd, os.fstat(fd).st_size or 1))
+            return entry
         except ValueError:
             return None
         finally:
@@ -338,6 +339,8 @@ class FileRecords(RecordStorage):
 
 class FileStorage(LeaseStorage):
     """:class:`LeaseStorage` on flock'ed files in ``locks_dir``; records in ``records_dir``."""
+
+    records: FileRecords
 
     def __init__(self, locks_dir: Path, records_dir: Path) -> None:
         _ensure_dir(locks_dir)

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -266,7 +266,7 @@ class RedisStorage(LeaseStorage):
         found: list[Holder] = []
         with outage_as_backend_unavailable():
             async for key in self.client.scan_iter(match=self.keys.lease_pattern(), count=500):
-                value = await self.client.get(key)
+                value = await self._get(key)
                 if value is not None:  # expired since the scan saw it
                     found.append(_parse_lease_value(value)[1])
         return found
@@ -305,7 +305,7 @@ class RedisStorage(LeaseStorage):
         """Read-only: tickets whose heartbeat key lives (dead ones are dropped by the next waiter's walk)."""
         prefix = self.keys.ticket_prefix(session_id)
         with outage_as_backend_unavailable():
-            ticket_ids = await self.client.zrange(self.keys.queue(session_id), 0, -1)
+            ticket_ids = cast("list[str]", await self.client.zrange(self.keys.queue(session_id), 0, -1))
             if not ticket_ids:
                 return 0
             return int(await self.client.exists(*(prefix + ticket_id for ticket_id in ticket_ids)))
@@ -332,7 +332,7 @@ class RedisStorage(LeaseStorage):
 
     async def _get(self, key: str) -> str | None:
         with outage_as_backend_unavailable():
-            return await self.client.get(key)
+            return cast("str | None", await self.client.get(key))  # str: the client decodes responses
 
     async def ping(self) -> None:
         with outage_as_backend_unavailable():

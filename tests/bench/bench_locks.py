@@ -31,8 +31,8 @@ from typing import Any
 
 import filelock
 
+from sessiongate import Settings
 from sessiongate._backend import open_backend
-from sessiongate._config import Settings
 from sessiongate._errors import SessionBusy
 from sessiongate._store import TranscriptStore
 from tests.support import wait_until

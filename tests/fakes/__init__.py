@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from sessiongate.gateway._server import create_app
-from sessiongate import Settings
+from sessiongate.gateway.settings import GatewaySettings
 from tests.support import UvicornThread
 from tests.workers import settings_for
 
 
-def gateway_settings(data_dir: Path, config: dict[str, Any] | None = None) -> Settings:
+def gateway_settings(data_dir: Path, config: dict[str, Any] | None = None) -> GatewaySettings:
     """Settings from ``config`` (camelCase, as in a config file) alone: the environment is not read."""
     return settings_for(data_dir, **(config or {}))
 

@@ -15,7 +15,6 @@ from starlette.routing import Route
 
 from tests.fakes.telegram_api import RecordingApi
 
-
 BOT_TOKEN = "xoxb-fake-bot-token"
 
 

@@ -15,17 +15,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sessiongate import Settings
 from sessiongate._backend import Backend, open_backend
-from sessiongate._config import Settings
+from sessiongate.gateway.settings import GatewaySettings
 from tests.support import REPO_ROOT, clean_env
 
 
-def settings_for(data_dir: Path, url: str = "file://", **overrides: Any) -> Settings:
-    """Settings for a test; ``overrides`` are camelCase sections (``lane={"mode": "queue"}``)."""
-    return Settings.load(env={}, overrides={"dataDir": str(data_dir), "backend": {"url": url}, **overrides})
+def settings_for(data_dir: Path, url: str = "file://", **overrides: Any) -> GatewaySettings:
+    """GatewaySettings for a test; ``overrides`` are camelCase sections (``lane={"mode": "queue"}``)."""
+    return GatewaySettings.load(env={}, overrides={"dataDir": str(data_dir), "backend": {"url": url}, **overrides})
 
 
-def sibling_backends(settings: Settings, count: int = 2) -> list[Backend]:
+def sibling_backends(settings: GatewaySettings, count: int = 2) -> list[Backend]:
     """Backends that share one storage as separate processes would (memory: one storage object)."""
     first = open_backend(settings)
     if settings.backend.url.startswith("memory"):
@@ -34,8 +35,8 @@ def sibling_backends(settings: Settings, count: int = 2) -> list[Backend]:
 
 
 def spawn(role: str, settings: Settings, *args: object) -> subprocess.Popen[bytes]:
-    """Start a worker process running ``role`` (see ``tests/workers/locker.py``)."""
-    config = json.dumps(settings.model_dump(mode="json", by_alias=True))
+    """Start a worker process running ``role`` (see ``tests/workers/locker.py``), with the session layer's settings."""
+    config = json.dumps(settings.model_dump(mode="json", by_alias=True, include=set(Settings.model_fields)))
     return subprocess.Popen(
         [sys.executable, "-m", "tests.workers.locker", role, config, *map(str, args)],
         cwd=REPO_ROOT,

@@ -15,8 +15,8 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from sessiongate import Settings
 from sessiongate._backend import open_backend
-from sessiongate._config import Settings
 from sessiongate._errors import FencedOut
 from sessiongate._store import TranscriptStore
 from sessiongate.storage import LeaseKind

@@ -1,0 +1,89 @@
+"""The gateway's configuration: the session layer's :class:`sessiongate.Settings` plus what only a gateway has.
+
+The library knows nothing of model providers, chat platforms, tokens or the
+HTTP server; those sections live here. Keys, environment names
+(``SESSIONGATE_SERVER__PORT``) and error messages are the same as for the
+library's sections, because loading is inherited.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sessiongate import Settings, SettingsSection
+
+__all__ = [
+    "AuthSettings",
+    "ChannelSettings",
+    "GatewaySettings",
+    "ProviderSettings",
+    "ServerSettings",
+    "SlackSettings",
+    "TelegramSettings",
+]
+
+
+class ProviderSettings(SettingsSection):
+    id: str = Field(min_length=1, max_length=64)
+    type: Literal["echo", "openai"]
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout_ms: int = Field(30_000, ge=1, le=600_000)
+    delay_ms: int = Field(0, ge=0, le=600_000, description="echo only: simulated model time")
+
+    @model_validator(mode="after")
+    def _openai_needs_base_url(self) -> ProviderSettings:
+        if self.type == "openai" and not self.base_url:
+            raise ValueError("an openai provider needs baseUrl")
+        return self
+
+
+class TelegramSettings(SettingsSection):
+    secret_token: str | None = None
+    bot_token_env: str = "TELEGRAM_BOT_TOKEN"
+    api_base: str = "https://api.telegram.org"
+
+
+class SlackSettings(SettingsSection):
+    signing_secret_env: str = "SLACK_SIGNING_SECRET"
+    bot_token_env: str = "SLACK_BOT_TOKEN"
+    api_base: str = "https://slack.com/api"
+
+
+class ChannelSettings(SettingsSection):
+    telegram: TelegramSettings | None = None
+    slack: SlackSettings | None = None
+
+
+class AuthSettings(SettingsSection):
+    tokens: list[str] = Field(default_factory=list)
+
+
+class ServerSettings(SettingsSection):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65_535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576)
+    log_format: Literal["text", "json"] = "text"
+
+
+class GatewaySettings(Settings):
+    """The whole gateway configuration. ``GatewaySettings()`` is the embedded default: it runs as is."""
+
+    providers: list[ProviderSettings] = Field(
+        default_factory=lambda: [ProviderSettings(id="echo", type="echo")], min_length=1
+    )
+    channels: ChannelSettings = ChannelSettings()
+    auth: AuthSettings = AuthSettings()
+    server: ServerSettings = ServerSettings()
+
+    @field_validator("providers")
+    @classmethod
+    def _unique_provider_ids(cls, providers: list[ProviderSettings]) -> list[ProviderSettings]:
+        ids = [p.id for p in providers]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"provider ids must be unique, got {ids}")
+        return providers
