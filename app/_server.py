@@ -133,10 +133,10 @@ def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport
         gateway = Gateway.open(settings, backend, transport=transport)
         app.state.gateway = gateway
         try:
-            await channels.start(gateway)
+            gateway.channels.start()  # resumes what a previous run left: spooled, unreplied, undelivered
             yield
         finally:
-            await channels.stop(gateway)
+            await gateway.channels.aclose()  # unfinished work stays in the transcripts for the next start
             await gateway.aclose()
             await backend.aclose()
             metrics.forget_this_process()
