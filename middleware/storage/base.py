@@ -90,12 +90,13 @@ class Holder:
     @classmethod
     def for_this_process(cls, session_id: str, kind: LeaseKind, fence: int = 0) -> Holder:
         now = time.time()
+        pid = os.getpid()
         return cls(
             session_id=session_id,
             kind=kind,
-            pid=os.getpid(),
+            pid=pid,
             host=THIS_HOST,
-            process_started_at=this_process_started_at(),
+            process_started_at=_process_started_at(pid),
             since=now,
             heartbeat_at=now,
             fence=fence,
@@ -103,16 +104,13 @@ class Holder:
 
 
 THIS_HOST = socket.gethostname()
-_started_at_cache: dict[int, float | None] = {}
 
 
 def this_process_started_at() -> float | None:
-    pid = os.getpid()  # cached per pid, so a fork computes its own
-    if pid not in _started_at_cache:
-        _started_at_cache[pid] = _process_started_at(pid)
-    return _started_at_cache[pid]
+    return _process_started_at(os.getpid())
 
 
+@functools.lru_cache(maxsize=8)  # asked for this process's pid only: cached per pid, so a fork computes its own
 def _process_started_at(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
