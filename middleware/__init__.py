@@ -46,9 +46,12 @@ from ._problem import (
     EXPOSED_HEADERS,
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
+    ErrorFormat,
+    error_format_of,
     problem_response,
     problem_status,
     send_problem,
+    use_error_format,
 )
 from ._store import TranscriptStore, new_record_id, utc_now
 from .storage import Holder, HolderState, LeaseKind, LeaseStorage, RecordStorage
@@ -71,6 +74,7 @@ __all__ = [
     "BackendUnavailable",
     "BodyParser",
     "ConfigError",
+    "ErrorFormat",
     "FencedOut",
     "Holder",
     "HolderState",
@@ -100,6 +104,7 @@ __all__ = [
     "client_address",
     "file_stem",
     "idempotency_key",
+    "error_format_of",
     "is_valid_session_id",
     "lane_of",
     "new_record_id",
@@ -111,6 +116,7 @@ __all__ = [
     "replaying",
     "send_problem",
     "session_id_from_stem",
+    "use_error_format",
     "utc_now",
     "validate_session_id",
 ]
