@@ -63,8 +63,8 @@ from ._problem import (
     send_problem,
     use_error_format,
 )
-from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
 from ._store import LockedTranscript, Page, TranscriptStore, new_record_id, utc_now
+from .storage import Holder, HolderState, LeaseKind, LeaseStorage, RecordStorage
 
 try:
     __version__ = version("sessiongate")
@@ -102,6 +102,7 @@ __all__ = [
     "PayloadTooLarge",
     "QueueFull",
     "RateLimited",
+    "RecordStorage",
     "RetryableError",
     "SessionBusy",
     "SessionGate",

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from ._errors import ConfigError
+from .storage import check_scheme
 
 __all__ = [
     "BackendSettings",
@@ -40,7 +41,6 @@ __all__ = [
     "Settings",
     "SettingsSection",
     "TranscriptSettings",
-    "storage_scheme",
 ]
 
 ENV_PREFIX = "SESSIONGATE_"
@@ -97,15 +97,6 @@ class RateLimitSettings(SettingsSection):
         return None
 
 
-SHARED_SCHEMES = ("redis", "rediss")  # storages every process and host shares
-STORAGE_SCHEMES = ("file", "memory", *SHARED_SCHEMES)
-
-
-def storage_scheme(url: str) -> str:
-    """The scheme of a ``backend.url`` (``""`` when it has none)."""
-    return url.split("://", 1)[0] if "://" in url else ""
-
-
 class BackendSettings(SettingsSection):
     url: str = "file://"
     key_prefix: str = Field("sessiongate", min_length=1, max_length=64)
@@ -116,9 +107,7 @@ class BackendSettings(SettingsSection):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if storage_scheme(value) not in STORAGE_SCHEMES:
-            raise ValueError("must start with file://, memory://, redis:// or rediss://")
-        return value
+        return check_scheme(value)
 
 
 class TranscriptSettings(SettingsSection):

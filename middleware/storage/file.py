@@ -21,9 +21,9 @@ nobody. The hard parts, each with a test in ``tests/test_file_storage.py`` and
 - **Queues.** A waiter holds a flock on its ticket file ``<stem>.queue/<number>``,
   so a dead waiter is seen (its file is lockable) and skipped.
 
-A lock file holds its holder's JSON (pid, host, process start time, since,
-fence) while held and is emptied on release; non-empty content under a free
-flock therefore means its holder died holding it.
+A lock file holds its holder record (:func:`.base.encode_holder`: pid, host,
+process start time, since, fence) while held and is emptied on release;
+non-empty content under a free flock therefore means its holder died holding it.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._config import Settings
-from ._errors import BackendUnavailable, SessionGateError
-from ._ids import file_stem
-from ._storage import (
+from .._config import Settings
+from .._errors import BackendUnavailable, SessionGateError
+from .._ids import file_stem
+from .._waiting import Backoff
+from .base import (
     THIS_HOST,
     Holder,
     HolderState,
@@ -56,9 +57,11 @@ from ._storage import (
     RecordStorage,
     StoredLease,
     Ticket,
-    _this_process_started_at,
+    decode_holder,
+    encode_holder,
 )
-from ._waiting import Backoff
+
+__all__ = ["SWEEP_INTERVAL_S", "FileRecords", "FileStorage", "LockPathAttack"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +158,8 @@ def _read_holder(fd: int, st: os.stat_result) -> Holder | None:
     if st.st_size == 0:
         return None
     try:
-        data = json.loads(os.pread(fd, st.st_size, 0))
-        holder = Holder.from_json(data)
-    except (ValueError, KeyError, TypeError):
+        holder = decode_holder(os.pread(fd, st.st_size, 0))
+    except ValueError:
         return None  # being written right now, or garbage: not a holder we may judge
     if st.st_mtime > holder.heartbeat_at:
         return dataclasses.replace(holder, heartbeat_at=st.st_mtime)
@@ -235,7 +237,8 @@ class FileRecords(RecordStorage):
         except FileNotFoundError:
             return None
         try:
-            return json.loads(os.read(fd, os.fstat(fd).st_size or 1))
+            entry: dict[str, Any] = json.loads(os.read(fd, os.fstat(fd).st_size or 1))
+            return entry
         except ValueError:
             return None
         finally:
@@ -337,6 +340,8 @@ class FileRecords(RecordStorage):
 class FileStorage(LeaseStorage):
     """:class:`LeaseStorage` on flock'ed files in ``locks_dir``; records in ``records_dir``."""
 
+    records: FileRecords
+
     def __init__(self, locks_dir: Path, records_dir: Path) -> None:
         _ensure_dir(locks_dir)
         self.locks_dir = locks_dir
@@ -344,9 +349,6 @@ class FileStorage(LeaseStorage):
         self.records = FileRecords(records_dir)
         self._stems: dict[str, str] = {}
         self._tickets: dict[Ticket, int] = {}  # our waiting tickets and their flock'ed fds
-        self._identity = json.dumps(
-            {"pid": os.getpid(), "host": THIS_HOST, "processStartedAt": _this_process_started_at()}
-        )[1:-1]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileStorage:
@@ -367,13 +369,6 @@ class FileStorage(LeaseStorage):
         return f"{self._base(session_id)}.{kind.value}"
 
     # -- leases ----------------------------------------------------------------------------
-
-    def _holder_json(self, session_id: str, kind: LeaseKind, since: float, fence: int) -> bytes:
-        since_json = repr(since)
-        return (
-            f'{{"sessionId":"{session_id}","kind":"{kind.value}",{self._identity},'
-            f'"since":{since_json},"heartbeatAt":{since_json},"fence":{fence}}}'
-        ).encode()
 
     async def try_acquire(
         self, kind: LeaseKind, session_id: str, *, stale_ms: int
@@ -429,7 +424,7 @@ class FileStorage(LeaseStorage):
     ) -> _FileLease:
         fence = _bump_counter(f"{self._base(session_id)}.fence") if kind is LeaseKind.LANE else 0
         holder = Holder.for_this_process(session_id, kind, fence)
-        metadata = self._holder_json(session_id, kind, holder.since, fence)
+        metadata = encode_holder(holder).encode()
         os.pwrite(fd, metadata, 0)
         if st.st_size > len(metadata):
             os.ftruncate(fd, len(metadata))
