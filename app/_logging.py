@@ -58,7 +58,7 @@ class OneLineFormatter(logging.Formatter):
 class JsonLinesFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, ids, the record's ``fields`` and any traceback."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed sees only the no-argument overload
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
