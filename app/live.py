@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sessiongate import (
+    REQUEST_ID,
     Backend,
     BackendUnavailable,
     LaneGrant,
@@ -47,7 +48,6 @@ from sessiongate import (
     problem_status,
 )
 
-from ._logging import REQUEST_ID
 from .paths import current_turn_path
 from .turns import Record, TurnResult, TurnRunner
 

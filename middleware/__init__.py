@@ -24,8 +24,10 @@ from ._errors import (
     RunningTurn,
     SessionBusy,
     SessionGateError,
+    StorageFailed,
     TurnCancelled,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from ._gate import (
     DEFAULT_MAX_BODY_BYTES,
@@ -44,12 +46,20 @@ from ._gate import (
 )
 from ._idempotency import MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH
 from ._idempotency import idempotency_key
-from ._ids import SESSION_ID_PATTERN, file_stem, is_valid_session_id, session_id_from_stem, validate_session_id
+from ._ids import (
+    SESSION_ID_PATTERN,
+    existing_file,
+    file_stem,
+    is_valid_session_id,
+    session_id_from_stem,
+    validate_session_id,
+)
 from ._lanes import LaneGrant
 from ._problem import (
     EXPOSED_HEADERS,
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
+    REQUEST_ID,
     ErrorFormat,
     error_format_of,
     problem_body,
@@ -58,8 +68,8 @@ from ._problem import (
     send_problem,
     use_error_format,
 )
-from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
 from ._store import LockedTranscript, Page, TranscriptStore, new_record_id, utc_now
+from .storage import Holder, HolderState, LeaseKind, LeaseStorage, RecordStorage
 
 try:
     __version__ = version("sessiongate")
@@ -73,6 +83,7 @@ __all__ = [
     "MAX_IDEMPOTENCY_KEY_LENGTH",
     "PROBLEM_CONTENT_TYPE",
     "PROBLEM_TYPE_BASE",
+    "REQUEST_ID",
     "SESSION_ID_PATTERN",
     "Admission",
     "Backend",
@@ -96,6 +107,7 @@ __all__ = [
     "PayloadTooLarge",
     "QueueFull",
     "RateLimited",
+    "RecordStorage",
     "RetryableError",
     "RunningTurn",
     "SessionBusy",
@@ -104,13 +116,16 @@ __all__ = [
     "SessionKey",
     "Settings",
     "SettingsSection",
+    "StorageFailed",
     "TranscriptStore",
     "TurnCancelled",
     "TurnControl",
     "Unauthorized",
+    "UnsupportedMediaType",
     "__version__",
     "admission_of",
     "client_address",
+    "existing_file",
     "file_stem",
     "idempotency_key",
     "error_format_of",

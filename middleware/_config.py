@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from ._errors import ConfigError
+from .storage import check_scheme
 
 __all__ = [
     "BackendSettings",
@@ -40,7 +41,6 @@ __all__ = [
     "Settings",
     "SettingsSection",
     "TranscriptSettings",
-    "storage_scheme",
 ]
 
 ENV_PREFIX = "SESSIONGATE_"
@@ -101,15 +101,6 @@ class RateLimitSettings(SettingsSection):
         return None
 
 
-SHARED_SCHEMES = ("redis", "rediss")  # storages every process and host shares
-STORAGE_SCHEMES = ("file", "memory", *SHARED_SCHEMES)
-
-
-def storage_scheme(url: str) -> str:
-    """The scheme of a ``backend.url`` (``""`` when it has none)."""
-    return url.split("://", 1)[0] if "://" in url else ""
-
-
 class BackendSettings(SettingsSection):
     url: str = "file://"
     key_prefix: str = Field("sessiongate", min_length=1, max_length=64)
@@ -120,9 +111,7 @@ class BackendSettings(SettingsSection):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if storage_scheme(value) not in STORAGE_SCHEMES:
-            raise ValueError("must start with file://, memory://, redis:// or rediss://")
-        return value
+        return check_scheme(value)
 
 
 class TranscriptSettings(SettingsSection):
@@ -153,6 +142,11 @@ class Settings(SettingsSection):
     @property
     def sessions_dir(self) -> Path:
         return self.data_dir / "sessions"
+
+    @property
+    def file_storage_root(self) -> Path:
+        """Where the file backend keeps ``locks/`` and ``records/``: ``file:///path``, else the data dir."""
+        return Path(self.backend.url.split("://", 1)[1] or self.data_dir)
 
     @classmethod
     def load(

@@ -9,7 +9,8 @@ answer with ``Retry-After`` at once; an admitted one holds the lane until its
 response is complete, the client goes away, or the endpoint raises, whichever
 comes first, unless the endpoint :func:`take_lane` takes it (a turn that
 outlives its request: a streamed reply keeps running when the client goes
-away, and releases the lane itself).
+away, and releases the lane itself). A request whose client goes away while
+it waits for the lane gives up its place and never runs.
 
 The gate reads what it needs once (session id, Idempotency-Key, the body when
 a parser or the key asks for it) and hands it on in the scope as an
@@ -37,12 +38,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._backend import Backend, open_backend
 from ._config import Settings
-from ._errors import PayloadTooLarge, RunningTurn, SessionBusy, SessionGateError
+from ._errors import ClientGone, PayloadTooLarge, RunningTurn, SessionBusy, SessionGateError
 from ._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
 from ._ids import validate_session_id
 from ._metrics import CONTENTION_ANSWERS
 from ._problem import error_format_of, problem_status, send_problem
 from ._ratelimit import RateLimits
+from ._waiting import Departure
 
 if TYPE_CHECKING:
     from ._lanes import LaneGrant
@@ -209,6 +211,9 @@ class SessionGate:
             await responder.abandon_claim()
             await self._refuse(scope, send, error)
             return
+        except ClientGone:  # left while waiting for the lane: its place is given up, its turn never runs
+            await responder.abandon_claim()
+            return
         except BaseException:
             await responder.abandon_claim()
             raise
@@ -243,18 +248,25 @@ class SessionGate:
                 await _replay(responder.send, outcome)
                 return _Verdict.ANSWERED
             responder.claim = outcome
-        grant = responder.grant = await self._acquire_lane(session_id)
+        departure = Departure(responder.receive)
+        try:
+            grant = responder.grant = await self._acquire_lane(session_id, departure)
+        finally:
+            responder.receive = await departure.stop()
+        if departure.gone:  # left just as the lane came free: nobody would read the turn
+            await responder.release_lane()
+            raise ClientGone(session_id)
         scope.setdefault("state", {})[_ADMISSION] = Admission(session_id, key, parsed_body(scope), grant)
         return _Verdict.ADMITTED
 
-    async def _acquire_lane(self, session_id: str) -> LaneGrant | None:
+    async def _acquire_lane(self, session_id: str, departure: Departure) -> LaneGrant | None:
         """The lane per ``lane.mode``; ``None`` admits a ``collect`` message to wait for the next turn."""
         lanes = self.backend.lanes
         mode = self.settings.lane.mode
         if mode in ("interrupt", "collect") and self.turns is None:
-            return await lanes.acquire(session_id, queued=True)
+            return await lanes.acquire(session_id, queued=True, departure=departure)
         try:
-            return await lanes.acquire(session_id)
+            return await lanes.acquire(session_id, departure=departure)
         except SessionBusy as busy:
             if self.turns is None:
                 raise
@@ -262,7 +274,7 @@ class SessionGate:
                 return None
             if mode == "interrupt":
                 await self.turns.cancel(session_id)
-                return await lanes.acquire(session_id, queued=True)
+                return await lanes.acquire(session_id, queued=True, departure=departure)
             busy.running_turn = await self.turns.running(session_id)
             raise
 
@@ -357,7 +369,7 @@ class _Responder:
     async def _receive(self) -> Message:
         message = await self.receive()
         if message["type"] == "http.disconnect":
-            await self._release_lane()
+            await self.release_lane()
         return message
 
     async def _send(self, message: Message) -> None:
@@ -380,7 +392,7 @@ class _Responder:
             return
         self._finished = True
         if self.claim is None:  # the common case: no Idempotency-Key
-            await self._release_lane()
+            await self.release_lane()
             return
         try:
             if complete:
@@ -388,7 +400,7 @@ class _Responder:
             else:
                 await self.abandon_claim()
         finally:
-            await self._release_lane()
+            await self.release_lane()
 
     async def _complete_claim(self) -> None:
         claim, self.claim = self.claim, None
@@ -400,7 +412,7 @@ class _Responder:
         if claim is not None:
             await claim.abandon()
 
-    async def _release_lane(self) -> None:
+    async def release_lane(self) -> None:
         grant, self.grant = self.grant, None
         if grant is not None and lane_of(self.scope) is grant:  # not if the app took it (take_lane)
             await grant.release()
