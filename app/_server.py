@@ -165,7 +165,7 @@ def cors(origins: list[str]) -> list[Middleware]:
     return [Middleware(
         CORSMiddleware,
         allow_origins=origins,
-        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id", "X-Session-Id"],
         expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
     )]
