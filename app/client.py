@@ -134,7 +134,8 @@ def _is_retryable(error: BaseException) -> bool:
 
 def _give_up(retry_state: tenacity.RetryCallState) -> Any:
     """Called by tenacity when the budget is spent (non-retryable errors never get here)."""
-    error = retry_state.outcome.exception()
+    error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+    assert error is not None  # tenacity gives up only after an attempt that failed
     raise GaveUp(
         error, attempts=retry_state.attempt_number, elapsed_s=retry_state.seconds_since_start or 0.0
     ) from error
@@ -221,7 +222,10 @@ class _ClientBase:
         self.policy = policy or RetryPolicy()
         self.on_retry = on_retry
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = self._http_class(base_url=self.base_url, headers=headers, transport=transport, timeout=timeout_s)
+        self.http = self._http_class(
+            base_url=self.base_url, headers=headers, timeout=timeout_s,
+            transport=transport,  # type: ignore[arg-type]  # each subclass is given its http class's kind
+        )
 
     def _streamed_post(self, *args: Any) -> httpx.Request:
         request = self._post(*args)
