@@ -46,7 +46,7 @@ class Gateway:
             backend=backend,
             store=store,
             providers=providers,
-            turns=TurnRunner(store, providers),
+            turns=TurnRunner(store, providers, max_messages=settings.history.max_messages),
             http=httpx.AsyncClient(transport=transport, timeout=OUTBOUND_TIMEOUT_S),
         )
 

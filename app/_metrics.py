@@ -38,3 +38,8 @@ CHANNEL_DELIVERY_RETRIES = Counter(
     "sessiongate_channel_delivery_retries_total",
     "Reply sends retried after a platform 429, 5xx or network error, by channel", ["channel"],
 )
+EVENT_LOOP_LAG = Histogram(
+    "sessiongate_event_loop_lag_seconds",
+    "How late the event loop woke a sleeper (sampled every 100 ms): time some work held the loop",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)

@@ -51,6 +51,7 @@ from ._auth import BearerAuth
 from ._body import BodyLimit, MessageIn, gated_body_parser, gated_session_key
 from ._context import Gateway
 from ._logging import REQUEST_ID, RequestLog, configure_logging
+from ._loop_lag import sampling_loop_lag
 from .routes import health, metrics, openapi, sessions, webchat
 from .settings import GatewaySettings
 
@@ -134,7 +135,8 @@ def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport
         app.state.gateway = gateway
         try:
             await channels.start(gateway)
-            yield
+            async with sampling_loop_lag():
+                yield
         finally:
             await channels.stop(gateway)
             await gateway.aclose()

@@ -18,6 +18,7 @@ __all__ = [
     "AuthSettings",
     "ChannelSettings",
     "GatewaySettings",
+    "HistorySettings",
     "ProviderSettings",
     "ServerSettings",
     "SlackSettings",
@@ -70,6 +71,14 @@ class ServerSettings(SettingsSection):
     log_format: Literal["text", "json"] = "text"
 
 
+class HistorySettings(SettingsSection):
+    """What a turn sends to the model: the newest records only, so a long chat never outgrows its context."""
+
+    max_messages: int = Field(
+        50, ge=1, le=100_000, description="most transcript records (the newest) a turn sends to the model"
+    )
+
+
 class GatewaySettings(Settings):
     """The whole gateway configuration. ``GatewaySettings()`` is the embedded default: it runs as is."""
 
@@ -79,6 +88,7 @@ class GatewaySettings(Settings):
     channels: ChannelSettings = ChannelSettings()
     auth: AuthSettings = AuthSettings()
     server: ServerSettings = ServerSettings()
+    history: HistorySettings = HistorySettings()
 
     @field_validator("providers")
     @classmethod

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sessiongate import IdempotencyKeyReused, LaneGrant, SessionBusy, TranscriptStore, new_record_id, utc_now
+from sessiongate import IdempotencyKeyReused, LaneGrant, LockedTranscript, SessionBusy, TranscriptStore, new_record_id, utc_now
 
 from .providers import ChatMessage, Failover
 
@@ -52,34 +52,34 @@ def user_record(
         "user", text, sender=sender, channel=channel, idempotencyKey=idempotency_key
     )
 
-def answered_earlier(transcript: Sequence[Record], user: Record) -> tuple[Record, Record] | None:
+async def answered_earlier(transcript: LockedTranscript, user: Record) -> tuple[Record, Record] | None:
     """The stored (user, reply) pair of an earlier attempt with the same ``idempotencyKey``, if any.
 
     The gate's idempotency records answer most retries; this covers the one
     case they cannot: the turn was appended, then its process died before the
-    answer was recorded or sent. Raises ``IdempotencyKeyReused`` if the key
-    came with another text.
+    answer was recorded or sent. Two index lookups, however long the
+    transcript. Raises ``IdempotencyKeyReused`` if the key came with another text.
     """
     key = user.get("idempotencyKey")
     if key is None:
         return None
-    earlier = next((r for r in transcript if r.get("role") == "user" and r.get("idempotencyKey") == key), None)
-    if earlier is None:
+    earlier = await transcript.find("idempotencyKey", key)
+    if earlier is None or earlier.get("role") != "user":
         return None
     if earlier["text"] != user["text"]:
         raise IdempotencyKeyReused("this Idempotency-Key was already used in this session for a different message")
-    reply = next((r for r in transcript if r.get("role") == "assistant" and r.get("replyTo") == earlier["id"]), None)
-    return None if reply is None else (earlier, reply)
+    reply = await transcript.find("replyTo", earlier["id"])
+    return None if reply is None or reply.get("role") != "assistant" else (earlier, reply)
 
 def chat_messages(records: Sequence[Record]) -> list[ChatMessage]:
     """Transcript records as the model sees them (oldest first)."""
     return [{"role": r["role"], "content": r["text"]} for r in records if r.get("role") in ("user", "assistant")]
 
-def history_up_to(transcript: Sequence[Record], user: Record) -> list[Record]:
-    """The transcript up to and including the stored ``user`` record (later messages get their own turns)."""
+def history_up_to(transcript: Sequence[Record], user: Record, limit: int) -> list[Record]:
+    """The newest ``limit`` records up to and including the stored ``user`` record (later ones get their own turns)."""
     for position, record in enumerate(transcript):
         if record.get("id") == user["id"]:
-            return list(transcript[: position + 1])
+            return list(transcript[max(0, position + 1 - limit): position + 1])
     raise ValueError(f"user record {user['id']!r} is not in the transcript (already_stored=True)")
 
 @dataclass(frozen=True)
@@ -103,9 +103,10 @@ def ensure_lane_held(grant: LaneGrant) -> None:
 class TurnRunner:
     """Runs turns against one transcript store and one provider list."""
 
-    def __init__(self, store: TranscriptStore, providers: Failover) -> None:
+    def __init__(self, store: TranscriptStore, providers: Failover, *, max_messages: int) -> None:
         self.store = store
         self.providers = providers
+        self.max_messages = max_messages  # history.maxMessages: the newest records the model gets
 
     async def run_turn(
         self,
@@ -118,17 +119,25 @@ class TurnRunner:
     ) -> TurnResult:
         """Read → model call (no lock) → append with ``grant.fence``; the caller holds ``grant`` throughout.
 
+        The model gets the newest ``history.maxMessages`` records (the new
+        message included); only those are read from the transcript.
+
         Raises ``AllProvidersFailed`` (502) when every provider failed, and
         ``SessionBusy`` (``FencedOut``, ``LockTimeout`` or a lost lane) when
         the turn may not write; nothing is appended then.
         """
         if grant.session_id != session_id:
             raise ValueError(f"lane grant is for {grant.session_id!r}, not {session_id!r}")
-        if transcript is None:  # a channel worker passes the transcript it read under this same lane
-            transcript = await self.store.read(session_id)  # takes and releases the write lock
-        if not already_stored and (stored := answered_earlier(transcript, user)) is not None:
-            return TurnResult(user=stored[0], reply=stored[1])
-        history = history_up_to(transcript, user) if already_stored else [*transcript, user]
+        if transcript is not None:  # a channel worker passes the transcript it read under this same lane
+            history = history_up_to(transcript, user, self.max_messages)
+        else:
+            async with self.store.locked(session_id) as stored_transcript:  # for the reads only
+                if not already_stored and (stored := await answered_earlier(stored_transcript, user)) is not None:
+                    return TurnResult(user=stored[0], reply=stored[1])
+                if already_stored:
+                    history = await stored_transcript.tail(self.max_messages, through=user["id"])
+                else:
+                    history = [*await stored_transcript.tail(self.max_messages - 1), user]
         ensure_lane_held(grant)
         completion = await self.providers.complete(chat_messages(history), session_id=session_id)
         ensure_lane_held(grant)

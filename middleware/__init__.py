@@ -51,7 +51,7 @@ from ._problem import (
     send_problem,
 )
 from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
-from ._store import TranscriptStore, new_record_id, utc_now
+from ._store import LockedTranscript, Page, TranscriptStore, new_record_id, utc_now
 
 try:
     __version__ = version("sessiongate")
@@ -82,6 +82,8 @@ __all__ = [
     "LeaseKind",
     "LeaseStorage",
     "LockTimeout",
+    "LockedTranscript",
+    "Page",
     "PayloadTooLarge",
     "QueueFull",
     "RateLimited",

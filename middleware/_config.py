@@ -109,6 +109,9 @@ def storage_scheme(url: str) -> str:
 class BackendSettings(SettingsSection):
     url: str = "file://"
     key_prefix: str = Field("sessiongate", min_length=1, max_length=64)
+    max_connections: int = Field(
+        100, ge=1, le=10_000, description="redis: connections per process; more concurrent commands wait for one"
+    )
 
     @field_validator("url")
     @classmethod

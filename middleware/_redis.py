@@ -73,6 +73,11 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 
 RETRY_AFTER_OUTAGE_MS = 1_000
 
+#: A burst is load, not an outage: a command waits this long for one of the pool's
+#: ``backend.maxConnections`` connections to come free (redis-py's plain pool would
+#: refuse at once with ``MaxConnectionsError``, which read as ``backend-unavailable``).
+POOL_WAIT_S = 10.0
+
 
 def unavailable(exc: Exception) -> BackendUnavailable:
     """The typed error for a redis-py connection-level error (logged with its cause, which clients never see)."""
@@ -199,10 +204,15 @@ class RedisStorage(LeaseStorage):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisStorage:
-        client = aioredis.Redis.from_url(
-            settings.backend.url, client_name="sessiongate", decode_responses=True, **CONNECTION_OPTIONS
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.backend.url,
+            max_connections=settings.backend.max_connections,
+            timeout=POOL_WAIT_S,
+            client_name="sessiongate",
+            decode_responses=True,
+            **CONNECTION_OPTIONS,
         )
-        return cls(client, key_prefix=settings.backend.key_prefix)
+        return cls(aioredis.Redis.from_pool(pool), key_prefix=settings.backend.key_prefix)
 
     async def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
         try:  # not a context manager: this is the hot path of every lease

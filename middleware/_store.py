@@ -8,6 +8,10 @@ those bytes to a side file (``<name>.jsonl.torn-<time>``, kept for forensics)
 and truncates the transcript to its last complete line. A write whose fencing
 token is older than the session's newest comes from a turn that lost its lane
 and is refused (:class:`FencedOut`).
+
+Reads go through the transcript's index (:mod:`._transcript_index`): a turn's
+history, a page of messages and an ``Idempotency-Key`` lookup read only the
+records they return, so their cost does not grow with the conversation.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 
@@ -30,6 +35,7 @@ from ._config import Settings
 from ._errors import FencedOut, SessionBusy, SessionGateError
 from ._ids import file_stem, session_id_from_stem
 from ._metrics import FENCING_REFUSALS
+from ._transcript_index import Synced, TranscriptIndex, parse_lines
 from ._write_lock import WriteLockHold
 
 logger = logging.getLogger("sessiongate.store")
@@ -37,16 +43,37 @@ logger = logging.getLogger("sessiongate.store")
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _SUFFIX = ".jsonl"
 _TAIL_CHUNK = 65_536
+T = TypeVar("T")
+
+
+#: Worker threads for transcript file work (reads, parsing, fsync, repairs, index
+#: updates), apart from anyio's shared default limiter: a burst of turns queues
+#: here for a thread and never starves other users of ``to_thread`` (or fails).
+FILE_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Page:
+    """Consecutive records in transcript order; ``more`` when older records remain before them."""
+
+    records: list[dict[str, Any]]
+    more: bool
 
 
 class TranscriptStore:
-    """Read, repair and append the JSONL transcripts under ``<dataDir>/sessions``."""
+    """Read, repair and append the JSONL transcripts under ``<dataDir>/sessions``.
+
+    Every file operation runs in a worker thread (:data:`FILE_THREADS` of them,
+    shared by this store), never on the event loop, and reads only the records
+    it returns, through the transcript's index (:mod:`._transcript_index`).
+    """
 
     def __init__(self, backend: Backend, settings: Settings) -> None:
         self._backend = backend
         self.fsync = settings.transcript.fsync == "always"
         settings.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.sessions_dir = settings.sessions_dir.resolve()
+        self._threads = anyio.CapacityLimiter(FILE_THREADS)
 
     def path_for(self, session_id: str) -> Path:
         """The transcript path of a session; raises InvalidSessionId for a bad id."""
@@ -54,6 +81,10 @@ class TranscriptStore:
         if Path(os.path.realpath(path)).parent != self.sessions_dir:
             raise SessionGateError(f"transcript of {session_id!r} resolves outside {self.sessions_dir}")
         return path
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in one of this store's worker threads (waits, uncancelled, until it is done)."""
+        return await anyio.to_thread.run_sync(work, *args, limiter=self._threads)
 
     @asynccontextmanager
     async def locked(self, session_id: str) -> AsyncIterator[LockedTranscript]:
@@ -65,12 +96,25 @@ class TranscriptStore:
     async def read(self, session_id: str) -> list[dict[str, Any]]:
         """Every record, in order, under the write lock; a torn tail is set aside first."""
         async with self.locked(session_id) as transcript:
-            return transcript.read()
+            return await transcript.read()
 
     async def read_unlocked(self, session_id: str) -> list[dict[str, Any]]:
-        """A lock-free snapshot (for GETs): complete lines only, a torn tail is skipped."""
+        """A lock-free snapshot of every record: complete lines only, a torn tail is skipped."""
         path = self.path_for(session_id)
-        return _parse(_read_bytes(path, repair=False), path)
+        return await self.off_loop(_read_all, path, False)
+
+    async def page(self, session_id: str, *, limit: int, before: str | None = None) -> Page | None:
+        """Lock-free: the newest ``limit`` records, or those just before record id ``before``.
+
+        ``None`` when ``before`` names no record of this session.
+        """
+        path = self.path_for(session_id)
+        return await self.off_loop(_page, path, limit, before)
+
+    async def find(self, session_id: str, field: str, value: str) -> dict[str, Any] | None:
+        """Lock-free: the first record whose ``field`` (one of ``INDEXED_FIELDS``) is ``value``."""
+        path = self.path_for(session_id)
+        return await self.off_loop(_find, path, field, value)
 
     async def append(
         self, session_id: str, records: list[dict[str, Any]], *, fence: int | None = None
@@ -90,7 +134,6 @@ class TranscriptStore:
         )
 
 
-
 class LockedTranscript:
     """One session's transcript while its write lock is held (from :meth:`TranscriptStore.locked`)."""
 
@@ -100,9 +143,20 @@ class LockedTranscript:
         self._store = store
         self._hold = hold
 
-    def read(self) -> list[dict[str, Any]]:
+    async def read(self) -> list[dict[str, Any]]:
         """Every record, in order; a torn tail is set aside first."""
-        return _parse(_read_bytes(self.path, repair=True), self.path)
+        return await self._store.off_loop(_read_all, self.path, True)
+
+    async def tail(self, limit: int, *, through: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` records (up to and including record id ``through``); a torn tail is set aside first.
+
+        Raises ``ValueError`` when ``through`` names no record.
+        """
+        return await self._store.off_loop(_tail, self.path, limit, through)
+
+    async def find(self, field: str, value: str) -> dict[str, Any] | None:
+        """The first record whose ``field`` (one of ``INDEXED_FIELDS``) is ``value``."""
+        return await self._store.off_loop(_find, self.path, field, value)
 
     async def append(self, records: list[dict[str, Any]], *, fence: int | None = None) -> list[dict[str, Any]]:
         """Append ``records`` in one write; fills ``id``/``at``, records ``fence``; returns what was stored.
@@ -127,16 +181,7 @@ class LockedTranscript:
             if fence < current:
                 FENCING_REFUSALS.inc()
                 raise FencedOut(self.session_id, fence=fence, current_fence=current)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _OPEN_FLAGS, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                _set_aside_torn_tail(fd, self.path, size)
-            _write_all(fd, payload)
-            if store.fsync:
-                await anyio.to_thread.run_sync(_fsync, fd, self.path.parent if size == 0 else None)
-        finally:
-            os.close(fd)
+        await store.off_loop(_append, self.path, payload, store.fsync)
 
 
 def _prepared(records: list[dict[str, Any]], fence: int | None) -> tuple[list[dict[str, Any]], bytes]:
@@ -183,21 +228,92 @@ def _fsync(fd: int, new_in_dir: Path | None) -> None:
             os.close(dir_fd)
 
 
-def _read_bytes(path: Path, *, repair: bool) -> bytes:
-    """The transcript's complete lines; with ``repair``, a torn tail is set aside on disk."""
+def _append(path: Path, payload: bytes, fsync: bool) -> None:
+    """One ``O_APPEND`` write of whole lines after setting a torn tail aside; then fsync and the index."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _OPEN_FLAGS, 0o600)
+    try:
+        created = _repair_torn_tail(fd, path) == 0
+        _write_all(fd, payload)
+        if fsync:
+            _fsync(fd, path.parent if created else None)
+        TranscriptIndex(path).use(fd, _nothing)  # indexes the new lines (a crash here: the next use does)
+    finally:
+        os.close(fd)
+
+
+def _nothing(index: Synced) -> None:
+    return None
+
+
+@contextmanager
+def _opened(path: Path, *, repair: bool) -> Iterator[int | None]:
+    """A descriptor of the transcript (``None`` if it does not exist); with ``repair``, a torn tail set aside."""
     try:
         fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | _OPEN_FLAGS)
     except FileNotFoundError:
-        return b""
+        yield None
+        return
     try:
-        size = os.fstat(fd).st_size
-        data = os.pread(fd, size, 0)
-        end = data.rfind(b"\n") + 1
-        if end < len(data) and repair:
-            _set_aside_torn_tail(fd, path, len(data))
-        return data[:end]
+        if repair:
+            _repair_torn_tail(fd, path)
+        yield fd
     finally:
         os.close(fd)
+
+
+def _read_all(path: Path, repair: bool) -> list[dict[str, Any]]:
+    """Every complete record (for the few callers that need them all, e.g. channel recovery)."""
+    with _opened(path, repair=repair) as fd:
+        if fd is None:
+            return []
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    return parse_lines(data[: data.rfind(b"\n") + 1].split(b"\n"), path)
+
+
+def _tail(path: Path, limit: int, through: str | None) -> list[dict[str, Any]]:
+    def query(index: Synced) -> list[dict[str, Any]]:
+        last = index.count if through is None else index.seq_of("id", through)
+        if last is None:
+            raise ValueError(f"record {through!r} is not in the transcript {path}")
+        return index.window(last - limit + 1, last).records if limit > 0 else []
+
+    with _opened(path, repair=True) as fd:
+        if fd is None:
+            if through is not None:
+                raise ValueError(f"record {through!r} is not in the transcript {path} (it does not exist)")
+            return []
+        return TranscriptIndex(path).use(fd, query)
+
+
+def _page(path: Path, limit: int, before: str | None) -> Page | None:
+    def query(index: Synced) -> Page | None:
+        if before is None:
+            last = index.count
+        elif (seq := index.seq_of("id", before)) is not None:
+            last = seq - 1
+        else:
+            return None
+        window = index.window(last - limit + 1, last)
+        return Page(window.records, more=bool(window.records) and window.first > 1)
+
+    with _opened(path, repair=False) as fd:
+        if fd is None:
+            return None if before is not None else Page([], more=False)
+        return TranscriptIndex(path).use(fd, query)
+
+
+def _find(path: Path, field: str, value: str) -> dict[str, Any] | None:
+    with _opened(path, repair=False) as fd:
+        return None if fd is None else TranscriptIndex(path).use(fd, lambda index: index.find(field, value))
+
+
+def _repair_torn_tail(fd: int, path: Path) -> int:
+    """Set a torn last line aside (see :func:`_set_aside_torn_tail`); the size of the complete lines."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        _set_aside_torn_tail(fd, path, size)
+        size = os.fstat(fd).st_size
+    return size
 
 
 def _last_line_end(fd: int, size: int) -> int:
@@ -227,15 +343,3 @@ def _set_aside_torn_tail(fd: int, path: Path, size: int) -> None:
     os.ftruncate(fd, keep)
     os.fsync(fd)
     logger.warning("transcript %s had a torn last line (%d bytes); set aside in %s", path, len(torn), side)
-
-
-def _parse(data: bytes, path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.error("transcript %s line %d is not JSON; skipped", path, number)
-    return records

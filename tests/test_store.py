@@ -96,9 +96,9 @@ async def test_a_symlink_at_the_transcript_path_is_refused(store: TranscriptStor
 
 async def test_locked_read_then_append_is_one_critical_section(store: TranscriptStore) -> None:
     async with store.locked("s") as transcript:
-        assert transcript.read() == []
+        assert await transcript.read() == []
         await transcript.append([{"role": "user", "text": "one"}])
-        assert [r["text"] for r in transcript.read()] == ["one"]
+        assert [r["text"] for r in await transcript.read()] == ["one"]
 
 
 async def test_a_writer_that_lost_its_write_lock_does_not_write(tmp_path: Path) -> None:

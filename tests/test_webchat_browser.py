@@ -21,7 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, write_transcript
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -131,4 +131,28 @@ def test_a_refused_message_shows_the_problem_and_is_not_retried(gateway: Gateway
     expect(page.locator("#status")).to_contain_text("Unauthorized")
     expect(page.locator("#status")).to_have_class(re.compile(r"\berror\b"))
     assert len(posts) == 1, posts
+    page.close()
+
+
+def test_the_page_loads_the_newest_messages_and_older_ones_on_scroll_up(
+    gateway: GatewayProcess, browser: Browser
+) -> None:
+    session = "webchat:long"
+    ids = write_transcript(gateway.data_dir, session, 130)  # no turn needed: as a long chat left it on disk
+    page = browser.new_page()
+    fetched: list[str] = []
+    page.on("request", lambda request: fetched.append(request.url) if "/messages" in request.url else None)
+    page.goto(f"{gateway.url}/?session={session}")
+    page.fill("#token", TOKEN)
+    page.click("#settings button[type=submit]")
+    shown = page.locator("#transcript .message")
+    expect(shown).to_have_count(50, timeout=10_000)  # the newest page only
+    expect(shown.first).to_contain_text("question 80")
+
+    for count in (100, 130):
+        page.locator(".transcript-wrap").evaluate("element => { element.scrollTop = 0; }")
+        expect(shown).to_have_count(count, timeout=10_000)
+    texts = shown.locator(".text").all_text_contents()
+    assert texts == [f"question {n}" if n % 2 == 0 else f"answer {n}" for n in range(len(ids))]
+    assert any(f"before={ids[80]}" in url for url in fetched) and any(f"before={ids[30]}" in url for url in fetched)
     page.close()

@@ -175,9 +175,8 @@ class ChannelWorker:
         self.kick(SPOOL_TASK)
 
     async def _in_transcript(self, inbound: Inbound) -> bool:
-        external_id = inbound.record["externalId"]
-        transcript = await self._gateway.store.read_unlocked(inbound.session_id)
-        return any(record.get("externalId") == external_id for record in transcript)
+        found = await self._gateway.store.find(inbound.session_id, "externalId", str(inbound.record["externalId"]))
+        return found is not None
 
     # -- background tasks ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from sessiongate import MAX_IDEMPOTENCY_KEY_LENGTH, PROBLEM_CONTENT_TYPE, PROBLE
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
 from ..paths import MESSAGES
+from .sessions import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT
 
 PROBLEM_TYPES = {
     "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status)",
@@ -159,9 +160,31 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "get": {
-                    "summary": "Read the transcript (lock-free snapshot)",
+                    "summary": "Read the transcript a page at a time, newest page first (lock-free)",
                     "operationId": "getMessages",
-                    "responses": {"200": _json("Transcript", "every message, in order"), **_SESSION_API_ERRORS},
+                    "parameters": [
+                        {
+                            "name": "limit", "in": "query", "required": False,
+                            "description": "most messages in the page",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_LIMIT,
+                                       "default": DEFAULT_PAGE_LIMIT},
+                        },
+                        {
+                            "name": "before", "in": "query", "required": False,
+                            "description": "a messageId: the page holds the messages just before it",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            **_json("Transcript", "the newest `limit` messages (before `before`), in transcript order"),
+                            "headers": {"Link": {
+                                "description": 'rel="next": the page of older messages, while there are any',
+                                "schema": {"type": "string"},
+                            }},
+                        },
+                        **_SESSION_API_ERRORS,
+                    },
                 },
             },
             "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),

@@ -1,4 +1,4 @@
-"""The messages API: ``POST`` runs one turn, ``GET`` reads the transcript.
+"""The messages API: ``POST`` runs one turn, ``GET`` reads the transcript a page at a time.
 
 By the time ``SessionMessages.post`` runs, the middleware stack has checked the
 token and SessionGate has parsed the body (:mod:`sessiongate.gateway._body`),
@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import SessionGateError, admission_of, validate_session_id
+from sessiongate import InvalidRequest, SessionGateError, admission_of, validate_session_id
 
 from .._body import MessageIn
 from .._context import Gateway
@@ -22,6 +22,10 @@ from ..paths import MESSAGES_ROUTE
 from ..turns import user_record
 
 __all__ = ["SessionMessages", "gateway_of", "routes"]
+
+
+DEFAULT_PAGE_LIMIT = 100
+MAX_PAGE_LIMIT = 1_000
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -48,10 +52,28 @@ class SessionMessages(HTTPEndpoint):
         })
 
     async def get(self, request: Request) -> JSONResponse:
+        """One page, newest first: ``?limit=`` records before ``?before=<messageId>``, in transcript order."""
         session_id = validate_session_id(request.path_params["sessionId"])
         SESSION_ID.set(session_id)
-        messages = await gateway_of(request).store.read_unlocked(session_id)
-        return JSONResponse({"sessionId": session_id, "messages": messages})
+        limit = page_limit(request.query_params.get("limit"))
+        before = request.query_params.get("before") or None
+        page = await gateway_of(request).store.page(session_id, limit=limit, before=before)
+        if page is None:
+            raise InvalidRequest(f"before={before!r} is not a message of session {session_id!r}")
+        headers = {}
+        if page.more:
+            older = request.url.include_query_params(limit=limit, before=page.records[0]["id"])
+            headers["Link"] = f'<{older.path}?{older.query}>; rel="next"'
+        return JSONResponse({"sessionId": session_id, "messages": page.records}, headers=headers)
+
+
+def page_limit(raw: str | None) -> int:
+    """``?limit=``: an integer from 1 to ``MAX_PAGE_LIMIT``; absent means ``DEFAULT_PAGE_LIMIT``."""
+    if raw is None:
+        return DEFAULT_PAGE_LIMIT
+    if not raw.isdecimal() or not 1 <= int(raw) <= MAX_PAGE_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE_LIMIT}, got {raw!r}")
+    return int(raw)
 
 
 def routes() -> list[BaseRoute]:

@@ -6,12 +6,15 @@
 // backoff) within a budget of attempts and time; other errors show the
 // problem's title and detail. Messages of one tab go out one at a time; the
 // transcript is refreshed after each reply and polled, so tabs see each other.
+// Only the newest page of the transcript is loaded (and polled); older pages
+// load as the reader scrolls up, following the server's Link rel="next".
 "use strict";
 
 (() => {
   const RETRY = { maxAttempts: 12, budgetMs: 90_000, backoffBaseMs: 250, backoffMaxMs: 5_000, hintJitter: 0.5 };
   const RETRYABLE_STATUSES = new Set([409, 429, 503]);
   const POLL_MS = 2_500;
+  const PAGE_LIMIT = 50;
   const SESSION_PATTERN = /^[A-Za-z0-9._:@-]{1,128}$/;
   const STORAGE = { session: "sessiongate.session", token: "sessiongate.token" };
 
@@ -28,7 +31,9 @@
   };
 
   let sessionId = "";
-  let serverMessages = [];
+  let serverMessages = []; // the loaded part of the transcript: older pages, then the newest page
+  let olderBefore = null; // messageId whose older messages are not loaded yet (null: none remain)
+  let loadingOlder = false;
   const pending = []; // messages of this tab not yet answered: {id, sessionId, text, state, note}
   let outbox = Promise.resolve();
 
@@ -62,6 +67,18 @@
   }
 
   const messagesUrl = (id) => `v1/sessions/${encodeURIComponent(id)}/messages`;
+
+  function pageUrl(id, before) {
+    const query = new URLSearchParams({ limit: String(PAGE_LIMIT) });
+    if (before) query.set("before", before);
+    return `${messagesUrl(id)}?${query}`;
+  }
+
+  // The ``before`` of the response's Link rel="next" (older messages remain), else null.
+  function nextBefore(response) {
+    const link = /<([^>]*)>\s*;\s*rel="next"/.exec(response.headers.get("Link") || "");
+    return link ? new URL(link[1], location.href).searchParams.get("before") : null;
+  }
 
   async function readProblem(response) {
     try {
@@ -154,7 +171,7 @@
   async function refresh() {
     const forSession = sessionId;
     try {
-      const response = await fetch(messagesUrl(forSession), { headers: headers(), cache: "no-store" });
+      const response = await fetch(pageUrl(forSession), { headers: headers(), cache: "no-store" });
       if (forSession !== sessionId) return;
       if (!response.ok) {
         const problem = await readProblem(response);
@@ -164,14 +181,52 @@
         return;
       }
       const body = await response.json();
-      const messages = Array.isArray(body.messages) ? body.messages : [];
-      if (signature(messages) !== signature(serverMessages)) {
-        serverMessages = messages;
+      const newest = Array.isArray(body.messages) ? body.messages : [];
+      const merged = mergeNewest(newest, nextBefore(response));
+      if (signature(merged) !== signature(serverMessages)) {
+        serverMessages = merged;
         render();
+        fillViewport();
       }
     } catch {
       if (!pending.length) setStatus("Gateway unreachable; will keep trying", "error");
     }
+  }
+
+  // The loaded messages with the newest page in place; if it does not reach what is
+  // loaded (more than a page arrived meanwhile), the older pages are dropped and reloaded on scroll.
+  function mergeNewest(newest, before) {
+    const overlap = newest.length ? serverMessages.findIndex((message) => message.id === newest[0].id) : -1;
+    if (overlap >= 0) return [...serverMessages.slice(0, overlap), ...newest];
+    olderBefore = before;
+    return newest;
+  }
+
+  async function loadOlder() {
+    if (loadingOlder || olderBefore === null) return;
+    loadingOlder = true;
+    const forSession = sessionId;
+    try {
+      const response = await fetch(pageUrl(forSession, olderBefore), { headers: headers(), cache: "no-store" });
+      if (forSession !== sessionId || !response.ok) return;
+      const body = await response.json();
+      const older = Array.isArray(body.messages) ? body.messages : [];
+      olderBefore = nextBefore(response);
+      const heightBefore = ui.scroller.scrollHeight;
+      serverMessages = [...older, ...serverMessages];
+      render();
+      ui.scroller.scrollTop += ui.scroller.scrollHeight - heightBefore; // the reader stays where they were
+    } catch {
+      setStatus("Gateway unreachable; will keep trying", "error");
+    } finally {
+      loadingOlder = false;
+    }
+    fillViewport();
+  }
+
+  // Older pages load when the reader reaches the top, or while the loaded messages do not fill the view.
+  function fillViewport() {
+    if (ui.scroller.scrollTop < 40 || ui.scroller.scrollHeight <= ui.scroller.clientHeight) loadOlder();
   }
 
   const signature = (messages) => `${messages.length}:${messages.length ? messages[messages.length - 1].id : ""}`;
@@ -232,6 +287,7 @@
     url.searchParams.set("session", id);
     history.replaceState(null, "", url);
     serverMessages = [];
+    olderBefore = null;
     render();
     refresh();
   }
@@ -264,6 +320,8 @@
       ui.composer.requestSubmit();
     }
   });
+
+  ui.scroller.addEventListener("scroll", fillViewport, { passive: true });
 
   ui.token.value = sessionStorage.getItem(STORAGE.token) || "";
   openSession(initialSession());

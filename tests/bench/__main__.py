@@ -28,6 +28,7 @@ BENCHMARKS = [
     "tests.bench.bench_locks",
     "tests.bench.bench_redis",
     "tests.bench.bench_memory",
+    "tests.bench.bench_history",
 ]
 
 

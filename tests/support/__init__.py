@@ -22,6 +22,7 @@ import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from sessiongate._ids import file_stem
 from sessiongate._problem import PROBLEM_TYPE_BASE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -76,11 +77,41 @@ def metric_delta(before: Samples, after: Samples, name: str, **labels: str) -> f
     return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
 
-def transcript(base: str, session_id: str) -> list[dict[str, Any]]:
-    """The session's messages through the real API (an unknown session reads as ``[]`` with a 200)."""
-    response = httpx.get(messages_url(base, session_id), timeout=5)
-    assert response.status_code == 200, response.text
-    return response.json()["messages"]
+def transcript(base: str, session_id: str, *, limit: int = 1_000) -> list[dict[str, Any]]:
+    """Every message of the session through the real API, in order, walking its pages (unknown session: ``[]``)."""
+    pages: list[list[dict[str, Any]]] = []
+    url: str | None = f"{messages_url(base, session_id)}?limit={limit}"
+    while url is not None:
+        response = httpx.get(url, timeout=10)
+        assert response.status_code == 200, response.text
+        pages.append(response.json()["messages"])
+        url = f"{base}{response.links['next']['url']}" if "next" in response.links else None
+        assert len(pages) <= 10_000, "the Link rel=next chain does not end"
+    return [message for page in reversed(pages) for message in page]
+
+
+def write_transcript(data_dir: Path, session_id: str, count: int, *, key_at: int | None = None) -> list[str]:
+    """``count`` records (user, assistant, ...) written directly as JSONL, as a long chat leaves them; their ids.
+
+    Record ``key_at`` (a user record) carries ``idempotencyKey = "key-<key_at>"``, and its reply follows it.
+    """
+    sessions = data_dir / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    ids = [f"r{number:07d}" for number in range(count)]
+    with (sessions / f"{file_stem(session_id)}.jsonl").open("w", encoding="utf-8") as file:
+        for first in range(0, count, 10_000):
+            lines = []
+            for number in range(first, min(count, first + 10_000)):
+                record: dict[str, Any] = {"id": ids[number], "at": "2026-01-01T00:00:00.000Z", "fence": 1}
+                if number % 2 == 0:
+                    record.update(role="user", text=f"question {number}", channel="api")
+                    if number == key_at:
+                        record["idempotencyKey"] = f"key-{number}"
+                else:
+                    record.update(role="assistant", text=f"answer {number}", provider="echo", replyTo=ids[number - 1])
+                lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+            file.writelines(lines)
+    return ids
 
 
 async def wait_for(predicate, timeout: float = 10.0, *, what: str = "condition") -> None:
