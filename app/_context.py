@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from sessiongate import Backend, TranscriptStore
+from sessiongate import Backend, TranscriptStore, open_transcripts
 
 from .providers import Failover, build_failover
 from .settings import GatewaySettings
@@ -39,7 +39,7 @@ class Gateway:
         cls, settings: GatewaySettings, backend: Backend, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
-        store = TranscriptStore(backend, settings)
+        store = open_transcripts(backend, settings)
         providers = build_failover(settings, transport=transport)
         return cls(
             settings=settings,

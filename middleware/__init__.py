@@ -51,7 +51,8 @@ from ._problem import (
     send_problem,
 )
 from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
-from ._store import LockedTranscript, Page, TranscriptStore, new_record_id, utc_now
+from ._store import FileTranscriptStore
+from .transcripts import Durability, LockedTranscript, Page, TranscriptStore, new_record_id, open_transcripts, utc_now
 
 try:
     __version__ = version("sessiongate")
@@ -71,7 +72,9 @@ __all__ = [
     "BackendUnavailable",
     "BodyParser",
     "ConfigError",
+    "Durability",
     "FencedOut",
+    "FileTranscriptStore",
     "Holder",
     "HolderState",
     "IdempotencyInFlight",
@@ -104,6 +107,7 @@ __all__ = [
     "is_valid_session_id",
     "lane_of",
     "new_record_id",
+    "open_transcripts",
     "open_backend",
     "parsed_body",
     "problem_response",

@@ -12,7 +12,7 @@ own locking) with
 
 - ``records(seq, offset)``: record number (1-based, non-blank lines) → byte offset;
 - ``keys(field, value, seq)``: the first record whose ``field`` is ``value``,
-  for the fields in :data:`INDEXED_FIELDS`;
+  for the fields in :data:`sessiongate.transcripts.base.INDEXED_FIELDS`;
 - ``state``: how many bytes of the transcript are indexed, its mtime then, and
   an *anchor* (offset and CRC-32 of the last indexed line).
 
@@ -44,15 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .transcripts.base import indexed_values
+
 __all__ = [
-    "INDEXED_FIELDS", "IndexMismatch", "Synced", "TranscriptIndex", "Window", "index_path", "parse_lines",
+    "IndexMismatch", "Synced", "TranscriptIndex", "Window", "index_path", "parse_lines",
 ]
 
 logger = logging.getLogger("sessiongate.store")
 
 #: Record fields with a lookup: message ids (paging), ``Idempotency-Key``\ s
 #: (crash recovery), the user message a reply answers, and a channel's message id (dedupe).
-INDEXED_FIELDS = ("id", "idempotencyKey", "replyTo", "externalId")
 _SCHEMA_VERSION = 1
 T = TypeVar("T")
 _CATCH_UP_CHUNK = 8 * 1_048_576  # bytes parsed per step of a rebuild: bounded memory
@@ -336,7 +337,7 @@ def _keys_of(line: bytes) -> list[tuple[str, str]]:
         return []
     if not isinstance(record, dict):
         return []
-    return [(field, str(record[field])) for field in INDEXED_FIELDS if record.get(field) is not None]
+    return indexed_values(record)
 
 
 def parse_lines(lines: list[bytes], origin: object) -> list[dict[str, Any]]:

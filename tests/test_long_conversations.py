@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sessiongate import TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, TranscriptStore, open_backend
 from sessiongate._transcript_index import index_path
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import (
@@ -160,7 +160,7 @@ async def test_the_index_rebuilt_after_deletion_or_corruption_gives_the_same_ans
     settings = settings_for(tmp_path / "data", transcript={"fsync": "never"})
     ids = write_transcript(settings.data_dir, "s", 5_000, key_at=40)
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     transcript_path = store.path_for("s")
     index = index_path(transcript_path)
     try:

@@ -14,7 +14,7 @@ import anyio
 import httpx
 import pytest
 
-from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, Settings, open_backend
 from sessiongate.gateway._server import create_app
 from sessiongate.gateway.settings import GatewaySettings
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
@@ -209,7 +209,7 @@ async def test_crash_after_append_before_dedupe_record_neither_loses_nor_doubles
     settings = Settings(data_dir=tmp_path / "data")
     backend = open_backend(settings)
     try:
-        await TranscriptStore(backend, settings).append(
+        await FileTranscriptStore(backend, settings).append(
             f"telegram:{chat_id}",
             [{"role": "user", "text": "half done", "channel": "telegram", "externalId": "telegram:600",
               "updateId": 600}],

@@ -28,9 +28,11 @@ from sessiongate import (
     Backend,
     BackendUnavailable,
     ConfigError,
+    FileTranscriptStore,
     HolderState,
     TranscriptStore,
     open_backend,
+    open_transcripts,
 )
 
 from ..settings import GatewaySettings
@@ -87,7 +89,10 @@ async def _checks(settings: GatewaySettings, config_path: str | None) -> list[Ch
         checks.append(reachable)
         if reachable.level is not Level.FAIL:
             checks.append(await _lock_states(settings, backend))
-        checks.append(_transcripts(TranscriptStore(backend, settings)))
+        store = open_transcripts(backend, settings)
+        if reachable.level is not Level.FAIL or isinstance(store, FileTranscriptStore):
+            checks.append(await _transcripts(store))
+            checks.append(await _durability(store))
     finally:
         await backend.aclose()
     checks.extend(_providers(settings))
@@ -127,8 +132,18 @@ async def _lock_states(settings: GatewaySettings, backend: Backend) -> Check:
     return Check(Level.OK, "locks", summary)
 
 
-def _transcripts(store: TranscriptStore) -> Check:
-    infos = [transcript_info(store, session_id) for session_id in store.session_ids()]
+async def _durability(store: TranscriptStore) -> Check:
+    """Whether an acknowledged turn survives a crash (for Redis: the server's own AOF settings)."""
+    durability = await store.durability()
+    return Check(Level.OK if durability.durable else Level.WARN, "durability", durability.detail)
+
+
+async def _transcripts(store: TranscriptStore) -> Check:
+    session_ids = await store.session_ids()
+    if not isinstance(store, FileTranscriptStore):
+        records = sum([await store.count(session_id) for session_id in session_ids])
+        return Check(Level.OK, "transcripts", f"{len(session_ids)} sessions, {records} records in {store.location}")
+    infos = [await transcript_info(store, session_id) for session_id in session_ids]
     records = sum(info["records"] for info in infos)
     broken = [info["path"] for info in infos if info["badLines"]]
     torn = [info["path"] for info in infos if info["tornTail"]]

@@ -29,6 +29,7 @@ from sessiongate import (
     Backend,
     BackendUnavailable,
     ConfigError,
+    FileTranscriptStore,
     Holder,
     HolderState,
     InvalidSessionId,
@@ -37,6 +38,7 @@ from sessiongate import (
     Settings,
     TranscriptStore,
     open_backend,
+    open_transcripts,
     validate_session_id,
 )
 
@@ -96,8 +98,10 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [COLUMNS, *rows])
 
 
-def transcript_info(store: TranscriptStore, session_id: str) -> dict[str, Any]:
-    """Path, size and shape of a transcript, read without a lock and without repairing it."""
+async def transcript_info(store: TranscriptStore, session_id: str) -> dict[str, Any]:
+    """Where a transcript lives and its size; a file's shape too, read without a lock and without repairing it."""
+    if not isinstance(store, FileTranscriptStore):
+        return {"location": store.location, "records": await store.count(session_id)}
     path = store.path_for(session_id)
     info: dict[str, Any] = {"path": str(path), "exists": path.exists()}
     if not info["exists"]:
@@ -196,7 +200,7 @@ async def _inspect(args: argparse.Namespace, settings: Settings, backend: Backen
         "fence": await storage.current_fence(session_id),
         "queued": await storage.queue_length(session_id, stale_ms=stale_ms),
         "holders": {kind.value: view and view.to_json() for kind, view in views.items()},
-        "transcript": transcript_info(TranscriptStore(backend, settings), session_id),
+        "transcript": await transcript_info(open_transcripts(backend, settings), session_id),
     }
     if args.json:
         print(json.dumps(report, indent=2))

@@ -35,7 +35,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
-from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, Settings, open_backend
 from tests.support import REDIS_SERVER
 
 BENCH_REDIS_URL = REDIS_SERVER + "/14"  # a database no test run reserves (see tests/conftest.py)
@@ -80,7 +80,7 @@ async def _measure(seconds: float, rounds: int, data_dir: Path) -> dict[str, lis
         "sessionWriteLock": {"staleMs": STALE_MS}, "transcript": {"fsync": "never"},
     })
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     raw_client = aioredis.Redis.from_url(BENCH_REDIS_URL)
     raw_dir, ours_dir = data_dir / "raw", data_dir / "ours"
     raw_dir.mkdir(parents=True)
