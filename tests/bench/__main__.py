@@ -58,7 +58,7 @@ def machine() -> str:
 
 def quick_correctness() -> list[dict]:
     """Two gateways, 16 clients, 4 sessions, 15 s: nothing lost, nothing duplicated."""
-    from tests.chaos.soak import audit, run_soak
+    from tests.chaos.soak import audit, file_transcripts, run_soak
     from tests.support import NO_RATE_LIMITS, GatewayProcess
 
     config = {
@@ -73,7 +73,7 @@ def quick_correctness() -> list[dict]:
         finally:
             for gateway in gateways:
                 gateway.stop()
-        result = audit(data_dir, report)
+        result = audit(file_transcripts(data_dir), report)
     return [
         {
             "name": "quick soak: acknowledged messages lost / duplicated / out of order",
