@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from sessiongate import __version__
 
-COMMANDS: tuple[str, ...] = ("serve", "send", "locks", "doctor")
+COMMANDS: tuple[str, ...] = ("serve", "send", "locks", "doctor", "transcripts")
 DEFAULT_COMMAND = "serve"
 
 

@@ -117,6 +117,16 @@ class FileTranscriptStore(TranscriptStore):
             await transcript._write(payload, fence)
         return stored
 
+    async def restore(self, session_id: str, records: list[dict[str, Any]]) -> bool:
+        if not records:
+            return False
+        payload = "".join(f"{encode(record)}\n" for record in records).encode()
+        async with self.locked(session_id) as transcript:
+            if await transcript.find("id", str(records[0]["id"])) is not None:
+                return False
+            await self.off_loop(_append, transcript.path, payload, self.fsync)
+        return True
+
     async def session_ids(self) -> list[str]:
         """Every session that has a transcript, sorted."""
         names = await self.off_loop(os.listdir, self.sessions_dir)

@@ -221,6 +221,8 @@ def _holder_line(view: HolderView) -> str:
 
 
 def _transcript_line(info: dict[str, Any]) -> str:
+    if "path" not in info:  # not a file: Redis
+        return f"{info['location']} ({info['records']} records)"
     if not info["exists"]:
         return f"{info['path']} (none yet)"
     bad = f", {info['badLines']} lines not JSON" if info["badLines"] else ""

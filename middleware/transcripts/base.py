@@ -116,6 +116,15 @@ class TranscriptStore(ABC):
         """Append ``records`` atomically (see :meth:`LockedTranscript.append`)."""
 
     @abstractmethod
+    async def restore(self, session_id: str, records: list[Record]) -> bool:
+        """Write ``records`` exactly as given (ids, times, fences kept; no fence check), all or nothing.
+
+        For moving transcripts between stores (``sessiongate transcripts import``):
+        ``False``, and nothing written, when the first record's id is already stored,
+        so importing the same batches again adds nothing.
+        """
+
+    @abstractmethod
     async def session_ids(self) -> list[str]:
         """Every session that has a transcript, sorted."""
 

@@ -121,19 +121,25 @@ class RedisTranscriptStore(TranscriptStore):
     async def append(self, session_id: str, records: list[Record], *, fence: int | None = None) -> list[Record]:
         """One ``append.lua`` call: the fence checked and every record written, in Redis, or nothing."""
         stored = [completed(record, fence) for record in records]
-        if not stored:
-            return stored
+        if stored:
+            outcome = await self._write(session_id, stored, fence)
+            if outcome[0] == "fenced":
+                FENCING_REFUSALS.inc()
+                raise FencedOut(session_id, fence=fence or 0, current_fence=int(outcome[1]))
+        return stored
+
+    async def restore(self, session_id: str, records: list[Record]) -> bool:
+        return bool(records) and (await self._write(session_id, records, None))[0] == "ok"
+
+    async def _write(self, session_id: str, records: list[Record], fence: int | None) -> list[str]:
+        """Run ``append.lua``: ``["ok"]``, ``["repeat"]`` (first id already stored) or ``["fenced", newest]``."""
         args: list[Any] = ["" if fence is None else str(fence)]
-        for record in stored:
+        for record in records:
             entries = [f"{field}:{value}" for field, value in indexed_values(record)]
             args += [encode(record), len(entries), *entries]
         keys = [self.keys.stream(session_id), self.keys.index(session_id), self._fence_key(session_id)]
         with outage_as_backend_unavailable():
-            outcome = await self._append(keys=keys, args=args)
-        if outcome[0] == "fenced":
-            FENCING_REFUSALS.inc()
-            raise FencedOut(session_id, fence=fence or 0, current_fence=int(outcome[1]))
-        return stored
+            return list(await self._append(keys=keys, args=args))
 
     async def session_ids(self) -> list[str]:
         found: set[str] = set()
