@@ -15,15 +15,16 @@
 -- ARGV[1] the caller's fence ("" for an unfenced append)
 -- then per record: its JSON, the number n of its index entries, n entries
 -- (the first is always "id:<record id>").
--- Returns {"ok"}, {"repeat"} (already appended) or {"fenced", newest fence}.
+-- Returns 0 (written), -1 (already appended: nothing written) or, when the
+-- fence is too old, the newest fence (nothing written).
 if ARGV[1] ~= '' then
   local newest = redis.call('GET', KEYS[3])
   if newest and tonumber(ARGV[1]) < tonumber(newest) then
-    return {'fenced', newest}
+    return tonumber(newest)
   end
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[4]) == 1 then
-  return {'repeat'}
+  return -1
 end
 local i = 2
 while i <= #ARGV do
@@ -34,4 +35,4 @@ while i <= #ARGV do
   end
   i = i + 2 + entries
 end
-return {'ok'}
+return 0

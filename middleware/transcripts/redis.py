@@ -17,6 +17,7 @@ cannot land a late append (see ``docs/redis.md``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -25,18 +26,20 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .._backend import Backend
 from .._errors import FencedOut
 from .._metrics import FENCING_REFUSALS
-from .._redis import outage_as_backend_unavailable
+from .._redis import OUTAGE_ERRORS, outage_as_backend_unavailable, unavailable
 from .._write_lock import WriteLockHold
 from .base import Durability, LockedTranscript, Page, Record, TranscriptStore, completed, encode, indexed_values
 
 __all__ = ["RedisLockedTranscript", "RedisTranscriptStore", "TranscriptKeys", "judge_persistence"]
 
 _APPEND = (resources.files(__package__) / "append.lua").read_text(encoding="utf-8")
+_APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()
+WRITTEN, REPEATED = 0, -1  # append.lua's answers besides a newer fence
 
 
 class TranscriptKeys:
@@ -68,7 +71,6 @@ class RedisTranscriptStore(TranscriptStore):
         self.keys = TranscriptKeys(key_prefix)
         self.location = location
         self._fence_key = backend.storage.keys.fence  # type: ignore[attr-defined]  # a RedisStorage's
-        self._append = client.register_script(_APPEND)
 
     @asynccontextmanager
     async def locked(self, session_id: str) -> AsyncIterator[RedisLockedTranscript]:
@@ -122,24 +124,32 @@ class RedisTranscriptStore(TranscriptStore):
         """One ``append.lua`` call: the fence checked and every record written, in Redis, or nothing."""
         stored = [completed(record, fence) for record in records]
         if stored:
-            outcome = await self._write(session_id, stored, fence)
-            if outcome[0] == "fenced":
+            newest = await self._write(session_id, stored, fence)
+            if newest > 0:
                 FENCING_REFUSALS.inc()
-                raise FencedOut(session_id, fence=fence or 0, current_fence=int(outcome[1]))
+                raise FencedOut(session_id, fence=fence or 0, current_fence=newest)
         return stored
 
     async def restore(self, session_id: str, records: list[Record]) -> bool:
-        return bool(records) and (await self._write(session_id, records, None))[0] == "ok"
+        return bool(records) and await self._write(session_id, records, None) == WRITTEN
 
-    async def _write(self, session_id: str, records: list[Record], fence: int | None) -> list[str]:
-        """Run ``append.lua``: ``["ok"]``, ``["repeat"]`` (first id already stored) or ``["fenced", newest]``."""
-        args: list[Any] = ["" if fence is None else str(fence)]
+    async def _write(self, session_id: str, records: list[Record], fence: int | None) -> int:
+        """Run ``append.lua``: :data:`WRITTEN`, :data:`REPEATED` (first id already stored) or the newer fence."""
+        args: list[Any] = [
+            self.keys.stream(session_id), self.keys.index(session_id), self._fence_key(session_id),
+            "" if fence is None else str(fence),
+        ]
         for record in records:
             entries = [f"{field}:{value}" for field, value in indexed_values(record)]
             args += [encode(record), len(entries), *entries]
-        keys = [self.keys.stream(session_id), self.keys.index(session_id), self._fence_key(session_id)]
-        with outage_as_backend_unavailable():
-            return list(await self._append(keys=keys, args=args))
+        try:  # EVALSHA straight away (this is every turn's write); the script is loaded on first use
+            try:
+                return await self._client.evalsha(_APPEND_SHA, 3, *args)  # type: ignore[no-any-return]
+            except NoScriptError:  # a fresh or restarted Redis
+                await self._client.script_load(_APPEND)
+                return await self._client.evalsha(_APPEND_SHA, 3, *args)  # type: ignore[no-any-return]
+        except OUTAGE_ERRORS as exc:
+            raise unavailable(exc) from exc
 
     async def session_ids(self) -> list[str]:
         found: set[str] = set()

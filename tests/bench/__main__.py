@@ -27,6 +27,7 @@ BENCHMARKS = [
     "tests.bench.bench_gate",
     "tests.bench.bench_locks",
     "tests.bench.bench_redis",
+    "tests.bench.bench_redis_transcripts",
     "tests.bench.bench_memory",
     "tests.bench.bench_history",
 ]
