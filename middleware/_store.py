@@ -79,7 +79,7 @@ class FileTranscriptStore(TranscriptStore):
         return await anyio.to_thread.run_sync(work, *args, limiter=self._threads)
 
     @asynccontextmanager
-    async def locked(self, session_id: str) -> AsyncIterator[LockedTranscript]:
+    async def locked(self, session_id: str) -> AsyncIterator[FileLockedTranscript]:
         """Hold the session's write lock for several steps (read, then append) as one critical section."""
         path = self.path_for(session_id)
         async with self._backend.write_lock(session_id) as hold:

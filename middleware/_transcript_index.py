@@ -35,8 +35,8 @@ import json
 import logging
 import os
 import sqlite3
-import zlib
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

@@ -39,7 +39,8 @@ def test_fresh_data_dir_is_all_ok(tmp_path: Path) -> None:
     result = doctor(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert levels(result) == {
-        "config": "ok", "data dir": "ok", "backend": "ok", "locks": "ok", "transcripts": "ok", "durability": "ok", "provider": "ok",
+        "config": "ok", "data dir": "ok", "backend": "ok", "locks": "ok", "transcripts": "ok", "durability": "ok",
+        "provider": "ok",
     }
     assert (tmp_path / "data").is_dir()
 

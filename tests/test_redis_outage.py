@@ -14,12 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from sessiongate._redis import _Keys
 from sessiongate._storage import LeaseKind
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
-from tests.support import DedicatedRedis, GatewayProcess, assert_problem, free_port, messages_url, wait_for, wait_until
+from tests.support import DedicatedRedis, GatewayProcess, assert_problem, free_port, messages_url, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 

@@ -36,6 +36,7 @@ def open_transcripts(backend: Backend, settings: Settings) -> TranscriptStore:
     redis_store = importlib.import_module(f"{__name__}.redis")
     parts = urlsplit(settings.transcript.url)
     location = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # no password
-    return redis_store.RedisTranscriptStore(
+    store: TranscriptStore = redis_store.RedisTranscriptStore(
         backend, backend.storage.client, key_prefix=settings.backend.key_prefix, location=location  # type: ignore[attr-defined]
     )
+    return store

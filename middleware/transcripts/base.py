@@ -136,8 +136,6 @@ class TranscriptStore(ABC):
     async def durability(self) -> Durability:
         """Whether an acknowledged append survives a crash of the machine, as configured now."""
 
-    async def aclose(self) -> None:
-        """Release what the store holds open (the backend's connections are the backend's)."""
 
 
 def indexed_values(record: Record) -> list[tuple[str, str]]:

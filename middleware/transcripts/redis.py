@@ -98,7 +98,7 @@ class RedisTranscriptStore(TranscriptStore):
         if limit <= 0:
             return []
         with outage_as_backend_unavailable():
-            entries = await self._client.xrevrange(self.keys.stream(session_id), newest, "-", count=limit)
+            entries: Any = await self._client.xrevrange(self.keys.stream(session_id), newest, "-", count=limit)
         return _records(entries[::-1])
 
     async def page(self, session_id: str, *, limit: int, before: str | None = None) -> Page | None:
@@ -109,7 +109,7 @@ class RedisTranscriptStore(TranscriptStore):
                 return None
             newest = f"({found}"  # exclusive
         with outage_as_backend_unavailable():
-            entries = await self._client.xrevrange(self.keys.stream(session_id), newest, "-", count=limit + 1)
+            entries: Any = await self._client.xrevrange(self.keys.stream(session_id), newest, "-", count=limit + 1)
         return Page(_records(entries[:limit][::-1]), more=len(entries) > limit)
 
     async def find(self, session_id: str, field: str, value: str) -> Record | None:
@@ -170,7 +170,7 @@ class RedisTranscriptStore(TranscriptStore):
             except ResponseError:  # CONFIG renamed away (managed Redis): AOF on or off is all INFO tells
                 info = await self._client.info("persistence")
                 config = {"appendonly": "yes" if info.get("aof_enabled") else "no", "appendfsync": "unknown"}
-        return judge_persistence(config.get("appendonly", "no"), config.get("appendfsync", "unknown"))
+        return judge_persistence(str(config.get("appendonly") or "no"), str(config.get("appendfsync") or "unknown"))
 
     async def _stream_id(self, session_id: str, field: str, value: str) -> str | None:
         with outage_as_backend_unavailable():
@@ -211,5 +211,6 @@ def judge_persistence(appendonly: str, appendfsync: str) -> Durability:
     return Durability(False, f"{settings}: the OS decides when appends reach the disk; set appendfsync always")
 
 
-def _records(entries: list[tuple[str, dict[str, str]]]) -> list[Record]:
+def _records(entries: Any) -> list[Record]:
+    """Records from stream entries ``[(id, {"r": json}), ...]`` (redis-py types them loosely)."""
     return [json.loads(fields["r"]) for _, fields in entries]
