@@ -1,10 +1,11 @@
-"""Optional bearer tokens for the ``/v1/sessions`` API (``auth.tokens``).
+"""Optional bearer tokens for the ``/v1/sessions`` API and the OpenAI-compatible routes (``auth.tokens``).
 
 The first check of the contract's order, so an unauthenticated request costs
 no body read, rate-limit slot or lane. Tokens are compared with
 :func:`hmac.compare_digest`, against every configured token, so the time
 taken says nothing about how much of a token was right. With no tokens
-configured the API is open. Webhooks authenticate themselves (secrets,
+configured the API is open. An OpenAI SDK sends its ``api_key`` as the
+bearer token, so a configured token is the SDK's key. Webhooks authenticate themselves (secrets,
 signatures), and the webchat page and probes stay public.
 """
 
@@ -15,7 +16,9 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sessiongate import Unauthorized, problem_response
+from sessiongate import Unauthorized, error_format_of, problem_response
+
+from ._openai import OPENAI_PATHS
 
 PROTECTED_PREFIX = "/v1/sessions"
 
@@ -30,11 +33,11 @@ def bearer_token(scope: Scope) -> bytes | None:
 
 
 def is_protected(path: str) -> bool:
-    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/") or path in OPENAI_PATHS
 
 
 class BearerAuth:
-    """ASGI middleware: ``401 unauthorized`` for ``/v1/sessions/*`` without one of ``tokens``."""
+    """ASGI middleware: ``401 unauthorized`` for the protected routes without one of ``tokens``."""
 
     def __init__(self, app: ASGIApp, *, tokens: Sequence[str]) -> None:
         self.app = app
@@ -51,6 +54,7 @@ class BearerAuth:
         if scope["type"] != "http" or not self.tokens or not is_protected(scope["path"]) or self.authorized(scope):
             await self.app(scope, receive, send)
             return
-        response = problem_response(Unauthorized("a valid 'Authorization: Bearer <token>' header is required"))
+        response = problem_response(Unauthorized("a valid 'Authorization: Bearer <token>' header is required"),
+                                    error_format=error_format_of(scope))
         response.headers["WWW-Authenticate"] = 'Bearer realm="sessiongate"'
         await response(scope, receive, send)

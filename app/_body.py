@@ -1,12 +1,14 @@
-"""Request bodies: a size limit for every request, and the message API's body, parsed once by the gate.
+"""Request bodies: a size limit for every request, and the bodies of the turn routes, parsed once by the gate.
 
 The size limit runs in front of everything (413 before anything is read).
-The message body is parsed by :class:`sessiongate.SessionGate` through its
-``body_parser`` hook (:func:`gated_body_parser`), in the contract's order
-(auth, body limit and validation, rate limits, Idempotency-Key, lane): a
-malformed request is refused with 400 before it can spend a rate-limit slot,
-an idempotency record or the session's lane, and the route finds the parsed
-message in the gate's :class:`~sessiongate.Admission`.
+The body of a message (``POST /v1/sessions/{id}/messages``) or a chat
+completion (``POST /v1/chat/completions``) is parsed by
+:class:`sessiongate.SessionGate` through its ``body_parser`` hook
+(:func:`gated_body_parser`), in the contract's order (auth, body limit and
+validation, rate limits, Idempotency-Key, lane): a malformed request is
+refused with 400 before it can spend a rate-limit slot, an idempotency
+record or the session's lane, and the route finds the parsed body in the
+gate's :class:`~sessiongate.Admission`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sessiongate import InvalidRequest, PayloadTooLarge, parsed_body, send_problem, validate_session_id
+from sessiongate import (
+    InvalidRequest,
+    PayloadTooLarge,
+    error_format_of,
+    parsed_body,
+    send_problem,
+    validate_session_id,
+)
 
 from ._logging import SESSION_ID
-from .paths import messages_session_id
+from ._openai import ChatRequest, parse_chat_request
+from .paths import CHAT_COMPLETIONS, messages_session_id
 
 __all__ = [
     "BodyLimit",
@@ -46,14 +56,19 @@ class MessageIn:
     sender: str | None = None
 
 
-def gated_body_parser(scope: Scope) -> Callable[[bytes], MessageIn] | None:
-    """SessionGate's ``body_parser``: the message parser for ``POST /v1/sessions/{id}/messages``, else ``None``.
+def gated_body_parser(scope: Scope) -> Callable[[bytes], MessageIn | ChatRequest] | None:
+    """SessionGate's ``body_parser``: the parser of a turn route's body (a message or a chat completion), else ``None``.
 
-    The path is matched here, once per request; the id is judged before the
-    body, so a bad id reads as ``invalid-session-id`` whatever the body.
+    The path is matched here, once per request; a message's id is judged
+    before the body, so a bad id reads as ``invalid-session-id`` whatever the
+    body. A chat completion names its session in a header or the body.
     """
     if scope["method"] != "POST":
         return None
+    if scope["path"] == CHAT_COMPLETIONS:
+        return lambda body: parse_chat_request(
+            scope, json_object(body, example=' like {"model": "echo", "messages": [...]}'), max_text_chars=MAX_TEXT_CHARS
+        )
     session_id = messages_session_id(scope["path"])
     if session_id is None:
         return None
@@ -64,7 +79,7 @@ def gated_body_parser(scope: Scope) -> Callable[[bytes], MessageIn] | None:
 def gated_session_key(scope: Scope) -> str | None:
     """SessionGate's ``session_key``: the session the parsed body was posted to (``None``: not gated)."""
     body = parsed_body(scope)
-    if not isinstance(body, MessageIn):
+    if not isinstance(body, (MessageIn, ChatRequest)):
         return None
     SESSION_ID.set(body.session_id)  # for every log line of this request, the access line included
     return body.session_id
@@ -99,10 +114,10 @@ class BodyLimit:
         try:
             declared = declared_length(scope)
         except InvalidRequest as error:
-            await send_problem(send, error)
+            await send_problem(send, error, error_format=error_format_of(scope))
             return
         if declared is not None and declared > self.max_bytes:
-            await send_problem(send, self.too_large())
+            await send_problem(send, self.too_large(), error_format=error_format_of(scope))
             return
         received = 0
 

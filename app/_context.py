@@ -1,30 +1,30 @@
 """The :class:`Gateway`: everything routes and background workers share, built once per process.
 
 Created in the app's lifespan (so every uvicorn worker has its own) and kept
-at ``sessiongate.gateway.state.gateway``; a route reaches it as ``request.app.state.gateway``,
-a channel worker gets it passed to ``start(gateway)``.
+at ``app.state.gateway``; a route reaches it as ``request.app.state.gateway``.
+:meth:`Gateway.open` builds all of it in one go, so no part is ever missing or
+swapped later; the lifespan only starts and stops the background tasks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 
 from sessiongate import Backend, TranscriptStore, open_transcripts
 
+from .channels import ChannelWorker, configured_channels
 from .providers import Failover, build_failover
 from .settings import GatewaySettings
 from .turns import TurnRunner
 
-if TYPE_CHECKING:
-    from .channels import ChannelWorker
+__all__ = ["Gateway"]
 
 OUTBOUND_TIMEOUT_S = 10.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Gateway:
     settings: GatewaySettings
     backend: Backend  # lanes, write locks, fences, records (shared with SessionGate)
@@ -32,7 +32,7 @@ class Gateway:
     providers: Failover
     turns: TurnRunner
     http: httpx.AsyncClient  # outbound calls of channels (Telegram sendMessage, Slack chat.postMessage)
-    channels: ChannelWorker | None = None  # set by app.channels.start() in the lifespan
+    channels: ChannelWorker  # started and stopped by the lifespan
 
     @classmethod
     def open(
@@ -41,15 +41,22 @@ class Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
         store = open_transcripts(backend, settings)
         providers = build_failover(settings, transport=transport)
+        turns = TurnRunner(store, providers, max_messages=settings.history.max_messages)
+        http = httpx.AsyncClient(transport=transport, timeout=OUTBOUND_TIMEOUT_S)
+        channels = ChannelWorker(
+            configured_channels(settings), settings=settings, backend=backend, store=store, turns=turns, http=http
+        )
         return cls(
             settings=settings,
             backend=backend,
             store=store,
             providers=providers,
-            turns=TurnRunner(store, providers, max_messages=settings.history.max_messages),
-            http=httpx.AsyncClient(transport=transport, timeout=OUTBOUND_TIMEOUT_S),
+            turns=turns,
+            http=http,
+            channels=channels,
         )
 
     async def aclose(self) -> None:
+        """Close the outbound clients; the lifespan has stopped :attr:`channels` before."""
         await self.http.aclose()
         await self.providers.aclose()

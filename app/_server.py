@@ -2,19 +2,23 @@
 
 Middleware, outer to inner (each refuses what it can before the next costs more):
 
-1. CORS: browsers may read ``Retry-After``, ``RateLimit*``, ``Idempotent-Replayed``.
+1. CORS: browsers may read the retry hints (``Retry-After``, ``retry-after-ms``,
+   ``x-should-retry``), ``RateLimit*``, ``Idempotent-Replayed``.
 2. :class:`~sessiongate.gateway._logging.RequestLog`: request id, one structured line per request.
-3. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
+3. :class:`~sessiongate.gateway._openai.OpenAIErrors`: errors of the OpenAI-compatible
+   routes are written in OpenAI's shape (same statuses and headers).
+4. :class:`ErrorBoundary`: nothing escapes as a traceback; a bug is a logged
    500 ``internal-error`` problem (inside CORS and the log, so error answers
    carry CORS headers and are logged with their status and request id).
-4. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*`` (401).
-5. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
-6. :class:`sessiongate.SessionGate`: for ``POST /v1/sessions/{id}/messages``
-   only, the session id and body (400, parsed once by the gate's body hook),
-   rate limits, Idempotency-Key, the session's lane.
+5. :class:`~sessiongate.gateway._auth.BearerAuth`: ``auth.tokens`` for ``/v1/sessions/*``
+   and the OpenAI-compatible routes (401).
+6. :class:`~sessiongate.gateway._body.BodyLimit`: ``server.maxBodyBytes`` for every request (413).
+7. :class:`sessiongate.SessionGate`: for ``POST /v1/sessions/{id}/messages`` and
+   ``POST /v1/chat/completions``, the session id and body (400, parsed once by the
+   gate's body hook), rate limits, Idempotency-Key, the session's lane.
 
-Routes raise typed errors; the exception handlers answer them as problem+json,
-404 and 405 included.
+Routes raise typed errors; the exception handlers answer them in the route's
+error format (problem+json unless OpenAI's), 404 and 405 included.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from sessiongate import (
     SessionGate,
     SessionGateError,
     client_address,
+    error_format_of,
     open_backend,
     parsed_body,
     problem_response,
@@ -52,7 +57,8 @@ from ._body import BodyLimit, MessageIn, gated_body_parser, gated_session_key
 from ._context import Gateway
 from ._logging import REQUEST_ID, RequestLog, configure_logging
 from ._loop_lag import sampling_loop_lag
-from .routes import health, metrics, openapi, sessions, webchat
+from ._openai import OpenAIErrors
+from .routes import chat, health, metrics, openapi, sessions, webchat
 from .settings import GatewaySettings
 
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
@@ -100,7 +106,7 @@ class ErrorBoundary:
             if started:
                 log.warning("error after the response started, connection dropped: %s", exc)
                 return
-            await send_problem(send, error, problem_status(error, self.settings))
+            await send_problem(send, error, problem_status(error, self.settings), error_format_of(scope))
 
 
 def message_sender_key(scope: Scope) -> str | None:
@@ -114,11 +120,12 @@ def exception_handlers(settings: GatewaySettings) -> dict[type[Exception], Excep
         assert isinstance(error, SessionGateError)
         if error.problem_type == SessionGateError.problem_type:  # a fault, not a typed answer: keep a trace
             log.error("internal error in %s %s: %s", request.method, request.url.path, error.detail)
-        return problem_response(error, problem_status(error, settings))
+        return problem_response(error, problem_status(error, settings), error_format_of(request.scope))
 
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
-        response = problem_response(HttpProblem(error.status_code, error.detail))
+        response = problem_response(HttpProblem(error.status_code, error.detail),
+                                    error_format=error_format_of(request.scope))
         response.headers.update(error.headers or {})
         return response
 
@@ -134,27 +141,28 @@ def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport
         gateway = Gateway.open(settings, backend, transport=transport)
         app.state.gateway = gateway
         try:
-            await channels.start(gateway)
+            gateway.channels.start()  # resumes what a previous run left: spooled, unreplied, undelivered
             async with sampling_loop_lag():
                 yield
         finally:
-            await channels.stop(gateway)
+            await gateway.channels.aclose()  # unfinished work stays in the transcripts for the next start
             await gateway.aclose()
             await backend.aclose()
             metrics.forget_this_process()
 
     return Starlette(
-        routes=[*sessions.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
+        routes=[*sessions.routes(), *chat.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
                 *channels.routes()],
         middleware=[
             Middleware(
                 CORSMiddleware,
                 allow_origins=["*"],
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id", "X-Session-Id"],
                 expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
             ),
             Middleware(RequestLog),
+            Middleware(OpenAIErrors),
             Middleware(ErrorBoundary, settings=settings),
             Middleware(BearerAuth, tokens=settings.auth.tokens),
             Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes),

@@ -7,10 +7,14 @@ from urllib.parse import quote
 
 from starlette.convertors import Convertor, register_url_convertor
 
-__all__ = ["MESSAGES", "MESSAGES_ROUTE", "messages_path", "messages_session_id"]
+__all__ = ["CHAT_COMPLETIONS", "MESSAGES", "MESSAGES_ROUTE", "MODELS", "messages_path", "messages_session_id"]
 
 #: ``POST`` runs a turn, ``GET`` pages through the transcript.
 MESSAGES = "/v1/sessions/{sessionId}/messages"
+#: OpenAI Chat Completions: ``POST`` runs a turn of the session named by ``X-Session-Id`` or ``user``.
+CHAT_COMPLETIONS = "/v1/chat/completions"
+#: OpenAI's model list: the configured providers.
+MODELS = "/v1/models"
 
 _PREFIX, _SUFFIX = MESSAGES.split("{sessionId}")
 # Matches any id, valid or not (even one with "/"), so a bad one reads as invalid-session-id, not 404.

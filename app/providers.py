@@ -68,9 +68,30 @@ class AllProvidersFailed(SessionGateError):
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Token counts of one model call, as the provider reported them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One provider's answer: the text, and its token usage where the provider reports it."""
+
+    text: str
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     provider: str
+    usage: Usage | None = None
 
 
 class Provider(ABC):
@@ -80,7 +101,7 @@ class Provider(ABC):
         self.id = settings.id
 
     @abstractmethod
-    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+    async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
         """The assistant's reply to ``messages`` (oldest first)."""
 
     async def aclose(self) -> None:  # noqa: B027 (a no-op by default: only providers with connections override it)
@@ -94,10 +115,10 @@ class EchoProvider(Provider):
         super().__init__(settings)
         self.delay_s = settings.delay_ms / 1000
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+    async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return Reply(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -131,7 +152,7 @@ class OpenAIProvider(Provider):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(transport=transport, headers=headers, timeout=self.timeout_s)
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+    async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
         body: dict[str, object] = {"messages": [dict(m) for m in messages]}
         if self.model:
             body["model"] = self.model
@@ -143,7 +164,8 @@ class OpenAIProvider(Provider):
         except httpx.TransportError as exc:
             raise ProviderError(self.id, "connection-error", f"{type(exc).__name__}: {exc}") from None
         self._raise_for_status(response)
-        return self._reply_text(response)
+        answer = self._answer_json(response)
+        return Reply(self._reply_text(answer), usage_of(answer))
 
     def _raise_for_status(self, response: httpx.Response) -> None:
         status = response.status_code
@@ -152,10 +174,16 @@ class OpenAIProvider(Provider):
         reason = "rate-limited" if status == 429 else "server-error" if status >= 500 else "refused"
         raise ProviderError(self.id, reason, f"HTTP {status} from {self.url}")
 
-    def _reply_text(self, response: httpx.Response) -> str:
+    def _answer_json(self, response: httpx.Response) -> object:
         try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, LookupError, TypeError):
+            return response.json()
+        except ValueError:
+            raise ProviderError(self.id, "bad-response", "the answer is not JSON") from None
+
+    def _reply_text(self, answer: object) -> str:
+        try:
+            content = answer["choices"][0]["message"]["content"]  # type: ignore[index]
+        except (LookupError, TypeError):
             raise ProviderError(self.id, "bad-response", "not a chat completion (choices[0].message.content)") from None
         if not isinstance(content, str):
             raise ProviderError(self.id, "bad-response", "choices[0].message.content is not a string")
@@ -163,6 +191,17 @@ class OpenAIProvider(Provider):
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def usage_of(answer: object) -> Usage | None:
+    """``usage`` of a chat completion answer, if it has well-formed token counts (it is optional upstream)."""
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        return None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
 class Failover:
@@ -173,19 +212,26 @@ class Failover:
             raise ValueError("Failover needs at least one provider")
         self.providers = list(providers)
 
-    async def complete(self, messages: Sequence[ChatMessage], *, session_id: str | None = None) -> Completion:
-        """The first provider's reply; raises :class:`AllProvidersFailed` listing every error."""
+    def order(self, first: str | None) -> list[Provider]:
+        """The providers to try: ``first`` (a provider id) ahead of the rest; an unknown id changes nothing."""
+        chosen = [provider for provider in self.providers if provider.id == first]
+        return chosen + [provider for provider in self.providers if provider.id != first]
+
+    async def complete(
+        self, messages: Sequence[ChatMessage], *, session_id: str | None = None, first: str | None = None
+    ) -> Completion:
+        """The reply of the first provider that answers (``first`` tried first); else :class:`AllProvidersFailed`."""
         errors: list[ProviderError] = []
-        for provider in self.providers:
+        for provider in self.order(first):
             started = time.perf_counter()
             try:
-                text = await provider.complete(messages)
+                reply = await provider.complete(messages)
             except ProviderError as error:
                 self._record(provider, started, error)
                 errors.append(error)
                 continue
             self._record(provider, started, None)
-            return Completion(text=text, provider=provider.id)
+            return Completion(text=reply.text, provider=provider.id, usage=reply.usage)
         ALL_PROVIDERS_FAILED.inc()
         raise AllProvidersFailed(errors, session_id=session_id)
 

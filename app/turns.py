@@ -24,7 +24,7 @@ from typing import Any
 
 from sessiongate import IdempotencyKeyReused, LaneGrant, LockedTranscript, SessionBusy, TranscriptStore, new_record_id, utc_now
 
-from .providers import ChatMessage, Failover
+from .providers import ChatMessage, Failover, Usage
 
 Record = dict[str, Any]
 LOST_LANE_RETRY_AFTER_MS = 1_000
@@ -71,6 +71,13 @@ async def answered_earlier(transcript: LockedTranscript, user: Record) -> tuple[
     reply = await transcript.find("replyTo", earlier["id"])
     return None if reply is None or reply.get("role") != "assistant" else (earlier, reply)
 
+def usage_record(usage: Usage | None) -> Record | None:
+    """The token usage a reply record keeps (camelCase, as every transcript field), if the provider gave it."""
+    if usage is None:
+        return None
+    return {"promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
+            "totalTokens": usage.total_tokens}
+
 def chat_messages(records: Sequence[Record]) -> list[ChatMessage]:
     """Transcript records as the model sees them (oldest first)."""
     return [{"role": r["role"], "content": r["text"]} for r in records if r.get("role") in ("user", "assistant")]
@@ -116,11 +123,13 @@ class TurnRunner:
         *,
         already_stored: bool = False,
         transcript: Sequence[Record] | None = None,
+        first_provider: str | None = None,
     ) -> TurnResult:
         """Read → model call (no lock) → append with ``grant.fence``; the caller holds ``grant`` throughout.
 
         The model gets the newest ``history.maxMessages`` records (the new
         message included); only those are read from the transcript.
+        ``first_provider`` (a provider id) is tried before the configured order.
 
         Raises ``AllProvidersFailed`` (502) when every provider failed, and
         ``SessionBusy`` (``FencedOut``, ``LockTimeout`` or a lost lane) when
@@ -139,10 +148,13 @@ class TurnRunner:
                 else:
                     history = [*await stored_transcript.tail(self.max_messages - 1), user]
         ensure_lane_held(grant)
-        completion = await self.providers.complete(chat_messages(history), session_id=session_id)
+        completion = await self.providers.complete(
+            chat_messages(history), session_id=session_id, first=first_provider
+        )
         ensure_lane_held(grant)
         reply = new_record(
-            "assistant", completion.text, provider=completion.provider, replyTo=user["id"], channel=user.get("channel")
+            "assistant", completion.text, provider=completion.provider, replyTo=user["id"], channel=user.get("channel"),
+            usage=usage_record(completion.usage),
         )
         await self.store.append(session_id, [reply] if already_stored else [user, reply], fence=grant.fence)
         return TurnResult(user=user, reply=reply)

@@ -46,9 +46,12 @@ from ._problem import (
     EXPOSED_HEADERS,
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
+    ErrorFormat,
+    error_format_of,
     problem_response,
     problem_status,
     send_problem,
+    use_error_format,
 )
 from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
 from ._store import FileTranscriptStore
@@ -73,6 +76,7 @@ __all__ = [
     "BodyParser",
     "ConfigError",
     "Durability",
+    "ErrorFormat",
     "FencedOut",
     "FileTranscriptStore",
     "Holder",
@@ -104,6 +108,7 @@ __all__ = [
     "client_address",
     "file_stem",
     "idempotency_key",
+    "error_format_of",
     "is_valid_session_id",
     "lane_of",
     "new_record_id",
@@ -116,6 +121,7 @@ __all__ = [
     "replaying",
     "send_problem",
     "session_id_from_stem",
+    "use_error_format",
     "utc_now",
     "validate_session_id",
 ]

@@ -33,7 +33,7 @@ from ._errors import PayloadTooLarge, SessionGateError
 from ._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
 from ._ids import validate_session_id
 from ._metrics import CONTENTION_ANSWERS
-from ._problem import problem_status, send_problem
+from ._problem import error_format_of, problem_status, send_problem
 from ._ratelimit import RateLimits
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class SessionGate:
             verdict = await self._admit(responder)
         except SessionGateError as error:
             await responder.abandon_claim()
-            await self._refuse(send, error)
+            await self._refuse(scope, send, error)
             return
         except BaseException:
             await responder.abandon_claim()
@@ -214,9 +214,9 @@ class SessionGate:
         scope.setdefault("state", {})[_ADMISSION] = Admission(session_id, key, parsed_body(scope), grant)
         return _Verdict.ADMITTED
 
-    async def _refuse(self, send: Send, error: SessionGateError) -> None:
+    async def _refuse(self, scope: Scope, send: Send, error: SessionGateError) -> None:
         _answers(error.problem_type).inc()
-        await send_problem(send, error, problem_status(error, self.settings))
+        await send_problem(send, error, problem_status(error, self.settings), error_format_of(scope))
 
     def _closing_on_shutdown(self, send: Send) -> Send:
         async def send_closing_backend(message: Message) -> None:

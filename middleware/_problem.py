@@ -8,8 +8,16 @@ exception handlers) both call :func:`render_problem`, so the two can never
 drift apart.
 
 Retryable errors (:class:`RetryableError`) carry ``Retry-After`` in whole
-seconds (at least 1, rounded up from ``retryAfterMs``) and ``Cache-Control:
-no-store``, so no cache keeps a transient refusal.
+seconds (at least 1, rounded up from ``retryAfterMs``), the finer estimate as
+``retry-after-ms`` (the OpenAI and Anthropic SDKs read it before
+``Retry-After``), ``x-should-retry: true`` and ``Cache-Control: no-store``, so
+no cache keeps a transient refusal. Every other error carries
+``x-should-retry: false``: those SDKs otherwise resend a 409 or any 5xx.
+
+The body has one of two formats (:class:`ErrorFormat`), chosen per route and
+kept in the scope (:func:`use_error_format`): RFC 9457 problem+json by
+default, or another wire format a route speaks (the gateway's OpenAI-style
+``{"error": {...}}``). Status and headers are the same in every format.
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses for strings
 from typing import Any
 
 from starlette.responses import Response
-from starlette.types import Send
+from starlette.types import Scope, Send
 
 from ._config import Settings
 from ._errors import QueueFull, RateLimited, RetryableError, SessionBusy, SessionGateError
@@ -31,7 +40,10 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 # A tag URI (RFC 4151), as RFC 9457 section 3.1.1 suggests for types that are not meant to be dereferenced.
 PROBLEM_TYPE_BASE = "tag:sessiongate,2026:problems/"
 # What a browser client must be able to read from a contention answer (for CORS ``expose_headers``).
-EXPOSED_HEADERS = ("Retry-After", "RateLimit", "RateLimit-Policy", "Idempotent-Replayed")
+EXPOSED_HEADERS = (
+    "Retry-After", "retry-after-ms", "x-should-retry", "RateLimit", "RateLimit-Policy", "Idempotent-Replayed",
+)
+ERROR_FORMAT_STATE_KEY = "sessiongate.error_format"
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per answer as json.dumps(separators=...)
 
 
@@ -96,11 +108,15 @@ def problem_json(error: SessionGateError, status: int) -> bytes:
 
 
 def problem_headers(error: SessionGateError) -> list[tuple[str, str]]:
-    """Headers of the answer besides ``Content-Type``: Retry-After, caching, RateLimit fields."""
-    headers: list[tuple[str, str]] = []
-    if isinstance(error, RetryableError):
-        headers.append(("Retry-After", str(retry_after_seconds(error.retry_after_ms))))
-        headers.append(("Cache-Control", "no-store"))
+    """Headers of the answer besides ``Content-Type``: the retry hints, caching, RateLimit fields."""
+    if not isinstance(error, RetryableError):
+        return [("x-should-retry", "false")]
+    headers = [
+        ("Retry-After", str(retry_after_seconds(error.retry_after_ms))),
+        ("retry-after-ms", str(error.retry_after_ms)),
+        ("x-should-retry", "true"),
+        ("Cache-Control", "no-store"),
+    ]
     if isinstance(error, RateLimited):
         headers.extend(ratelimit_fields(error))
     return headers
@@ -120,22 +136,48 @@ def ratelimit_fields(error: RateLimited) -> list[tuple[str, str]]:
     ]
 
 
-def render_problem(error: SessionGateError, status: int | None = None) -> RenderedProblem:
-    """Status, headers and JSON body of the answer for ``error`` (``status`` overrides the default)."""
+@dataclass(frozen=True)
+class ErrorFormat:
+    """How an error's body is written on one route: its media type and ``body(error, status)``."""
+
+    media_type: str
+    body: Callable[[SessionGateError, int], bytes]
+
+
+PROBLEM_JSON = ErrorFormat(PROBLEM_CONTENT_TYPE, problem_json)
+
+
+def use_error_format(scope: Scope, error_format: ErrorFormat) -> None:
+    """Answer every error of this request in ``error_format`` (set before any middleware may refuse it)."""
+    scope.setdefault("state", {})[ERROR_FORMAT_STATE_KEY] = error_format
+
+
+def error_format_of(scope: Scope) -> ErrorFormat:
+    """The error format chosen for this request: :data:`PROBLEM_JSON` unless a route chose another."""
+    state = scope.get("state")
+    return state.get(ERROR_FORMAT_STATE_KEY, PROBLEM_JSON) if state else PROBLEM_JSON
+
+
+def render_problem(
+    error: SessionGateError, status: int | None = None, error_format: ErrorFormat = PROBLEM_JSON
+) -> RenderedProblem:
+    """Status, headers and body of the answer for ``error`` (``status`` overrides the default)."""
     status = status or error.default_status
-    body = problem_json(error, status)
-    headers = [("Content-Type", PROBLEM_CONTENT_TYPE), *problem_headers(error)]
+    body = error_format.body(error, status)
+    headers = [("Content-Type", error_format.media_type), *problem_headers(error)]
     return RenderedProblem(status, headers, body)
 
 
-def problem_response(error: SessionGateError, status: int | None = None) -> Response:
+def problem_response(
+    error: SessionGateError, status: int | None = None, error_format: ErrorFormat = PROBLEM_JSON
+) -> Response:
     """A Starlette response for ``error`` (for exception handlers)."""
-    problem = render_problem(error, status)
+    problem = render_problem(error, status, error_format)
     return Response(
         problem.body,
         status_code=problem.status,
         headers=dict(problem.headers),
-        media_type=PROBLEM_CONTENT_TYPE,
+        media_type=error_format.media_type,
     )
 
 
@@ -145,9 +187,11 @@ def _raw_name(name: str) -> bytes:
     return name.lower().encode("latin-1")
 
 
-async def send_problem(send: Send, error: SessionGateError, status: int | None = None) -> None:
+async def send_problem(
+    send: Send, error: SessionGateError, status: int | None = None, error_format: ErrorFormat = PROBLEM_JSON
+) -> None:
     """Answer ``error`` on a raw ASGI ``send`` (the response must not have started)."""
-    problem = render_problem(error, status)
+    problem = render_problem(error, status, error_format)
     headers = [(_raw_name(name), value.encode("latin-1")) for name, value in problem.headers]
     headers.append((b"content-length", b"%d" % len(problem.body)))
     await send({"type": "http.response.start", "status": problem.status, "headers": headers})

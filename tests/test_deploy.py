@@ -78,6 +78,13 @@ def test_dockerfile_copies_what_the_package_needs_from_the_repository() -> None:
     assert not copied & ignored
 
 
+def test_the_image_installs_the_gateway_and_redis_extras() -> None:
+    """``pip install sessiongate`` is only the library: the image serves the gateway and talks to Redis."""
+    runs = [value for name, value in dockerfile_instructions() if name == "RUN" and "pip " in value]
+    assert any("pip wheel" in run and "[gateway,redis]" in run for run in runs), runs
+    assert any("pip install" in run and "sessiongate[gateway,redis]" in run for run in runs), runs
+
+
 def test_dockerignore_keeps_the_build_context_small() -> None:
     ignored = set((DEPLOY / "Dockerfile.dockerignore").read_text().split())
     assert {".git", ".venv", "tests", "data"} <= ignored

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from sessiongate import SessionGate, Settings, admission_of, lane_of
-from tests.support import NO_RATE_LIMITS, REPO_ROOT, UvicornThread, assert_problem, free_port, wait_for
+from tests.support import NO_RATE_LIMITS, UvicornThread, assert_problem, free_port, wait_for
 from tests.workers import settings_for
 
 
@@ -395,25 +394,3 @@ async def test_requests_without_a_session_and_websockets_pass_through(tmp_path: 
         assert gate._backend is not None
     assert endpoints.lifespan == ["startup", "shutdown"], "lifespan messages reached the app"
     assert gate._backend is None, "the gate closed the backend it opened, at shutdown"
-
-
-def _readme_example() -> str:
-    text = (REPO_ROOT / "docs" / "gate.md").read_text()
-    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
-
-
-@pytest.mark.anyio
-async def test_the_readme_example_works_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)  # the example's default settings keep data in ./data
-    example = _readme_example()
-    assert len([line for line in example.splitlines() if line.strip()]) <= 12
-    namespace: dict[str, Any] = {}
-    exec(compile(example, "docs/gate.md", "exec"), namespace)
-    with UvicornThread(namespace["app"]) as server:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            answers = await asyncio.gather(*(client.post("/chat/c1", json={"text": "hi"}) for _ in range(2)))
-            other = await client.post("/chat/c2", json={"text": "hi"})
-    assert sorted(answer.status_code for answer in answers) == [200, 409]
-    assert other.status_code == 200
-    assert json.loads(next(a for a in answers if a.status_code == 409).text)["type"].endswith("session-busy")
-    assert (tmp_path / "data").is_dir()

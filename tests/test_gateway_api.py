@@ -66,6 +66,8 @@ async def test_concurrent_messages_on_one_session_one_runs_one_gets_fast_409(tmp
     assert problem["sessionId"] == "one"
     assert problem["retryAfterMs"] >= 1
     assert int(busy.headers["retry-after"]) >= 1
+    assert busy.headers["retry-after-ms"] == str(problem["retryAfterMs"])
+    assert busy.headers["x-should-retry"] == "true"
     assert busy.headers["cache-control"] == "no-store"
     assert answered_during_turn
     assert fake.calls == 1
@@ -174,7 +176,8 @@ def test_cors_exposes_the_contention_headers(tmp_path: Path) -> None:
         answer = client.post(url, json={"text": "hi"}, headers=origin)
     assert preflight.status_code == 200
     exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
-    assert {"retry-after", "ratelimit", "ratelimit-policy", "idempotent-replayed"} <= exposed
+    assert {"retry-after", "retry-after-ms", "x-should-retry", "ratelimit", "ratelimit-policy",
+            "idempotent-replayed"} <= exposed
 
 
 def test_request_id_is_echoed_or_made(tmp_path: Path) -> None:

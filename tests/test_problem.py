@@ -67,9 +67,13 @@ def test_every_contract_error_renders_as_problem_json(
     if retryable:
         assert body["retryAfterMs"] == error.retry_after_ms
         assert int(headers["Retry-After"]) >= 1
+        assert headers["retry-after-ms"] == str(error.retry_after_ms)  # the OpenAI and Anthropic SDKs read it first
+        assert headers["x-should-retry"] == "true"
         assert headers["Cache-Control"] == "no-store"
     else:
         assert "retryAfterMs" not in body and "Retry-After" not in headers and "Cache-Control" not in headers
+        assert "retry-after-ms" not in headers
+        assert headers["x-should-retry"] == "false"  # an SDK must not resend it (they retry 409 and 5xx by default)
 
 
 @pytest.mark.parametrize(("ms", "seconds"), [(1, 1), (999, 1), (1000, 1), (1001, 2), (12_345, 13)])

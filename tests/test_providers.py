@@ -26,6 +26,8 @@ from sessiongate.gateway.providers import (
     OpenAIProvider,
     Provider,
     ProviderError,
+    Reply,
+    Usage,
     chat_completions_url,
 )
 from sessiongate.gateway.settings import ProviderSettings
@@ -50,7 +52,7 @@ def test_chat_completions_url_accepts_both_base_url_styles() -> None:
 async def test_echo_replies_with_the_last_user_message_after_its_delay() -> None:
     echo = EchoProvider(ProviderSettings(id="e", type="echo", delay_ms=200))
     started = time.monotonic()
-    assert await echo.complete(HELLO) == "hello"
+    assert (await echo.complete(HELLO)).text == "hello"
     assert time.monotonic() - started >= 0.2
 
 
@@ -61,7 +63,7 @@ async def test_openai_sends_model_messages_and_key_from_env() -> None:
             openai_settings(fake.url, model="m-1", apiKeyEnv="FAKE_KEY"), env={"FAKE_KEY": "sk-test"}
         )
         try:
-            assert await provider.complete(HELLO) == "gpt: hello"
+            assert (await provider.complete(HELLO)).text == "gpt: hello"
         finally:
             await provider.aclose()
     assert fake.requests == [{"model": "m-1", "messages": [dict(m) for m in HELLO]}]
@@ -104,9 +106,26 @@ async def test_openai_takes_an_injected_transport() -> None:
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "via transport"}}]})
 
     provider = OpenAIProvider(openai_settings("http://model.invalid/v1"), transport=httpx.MockTransport(answer))
-    assert await provider.complete(HELLO) == "via transport"
+    assert (await provider.complete(HELLO)).text == "via transport"
     await provider.aclose()
     assert str(seen[0].url) == "http://model.invalid/v1/chat/completions"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("usage", "read"), [
+    ({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, Usage(7, 3)),
+    ({"prompt_tokens": "7", "completion_tokens": 3}, None),
+    (None, None),
+])
+async def test_openai_reads_upstream_usage_when_well_formed(usage: object, read: Usage | None) -> None:
+    message = {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={**message, "usage": usage} if usage is not None else message)
+
+    provider = OpenAIProvider(openai_settings("http://model.invalid/v1"), transport=httpx.MockTransport(answer))
+    assert await provider.complete(HELLO) == Reply("hi", read)
+    await provider.aclose()
 
 
 class ScriptedProvider(Provider):
@@ -117,11 +136,11 @@ class ScriptedProvider(Provider):
         self.outcome = outcome
         self.calls = 0
 
-    async def complete(self, messages: Sequence[ChatMessage]) -> str:
+    async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
         self.calls += 1
         if isinstance(self.outcome, Exception):
             raise self.outcome
-        return self.outcome
+        return Reply(self.outcome)
 
 
 @pytest.mark.anyio
@@ -132,6 +151,15 @@ async def test_failover_moves_on_only_after_a_provider_error() -> None:
     completion = await Failover([first, second, third]).complete(HELLO)
     assert (completion.text, completion.provider) == ("from second", "second")
     assert (first.calls, second.calls, third.calls) == (1, 1, 0)
+
+
+@pytest.mark.anyio
+async def test_failover_tries_the_named_provider_first_and_ignores_an_unknown_name() -> None:
+    providers = [ScriptedProvider("a", "from a"), ScriptedProvider("b", "from b")]
+    failover = Failover(providers)
+    assert (await failover.complete(HELLO, first="b")).provider == "b"
+    assert (await failover.complete(HELLO, first="gpt-4o")).provider == "a"
+    assert [p.id for p in failover.order("b")] == ["b", "a"]
 
 
 @pytest.mark.anyio

@@ -16,6 +16,7 @@ import pytest
 
 from sessiongate import FileTranscriptStore, Settings, open_backend
 from sessiongate.gateway._server import create_app
+from sessiongate.gateway.channels.telegram import MAX_MESSAGE_CHARS
 from sessiongate.gateway.settings import GatewaySettings
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, update
 from tests.support import (
@@ -158,6 +159,19 @@ def test_telegram_429_from_send_message_is_honoured(gateway: GatewayProcess, tel
     assert [call.throttled for call in calls] == [True, False]
     assert calls[1].at - calls[0].at >= 1.0  # the retry came after Telegram's retry_after
     assert calls[1].path == f"/bot{BOT_TOKEN}/sendMessage"
+
+
+def test_a_long_reply_throttled_between_its_parts_sends_each_part_once(
+    gateway: GatewayProcess, telegram_api: FakeTelegramApi
+) -> None:
+    first, second = "a" * MAX_MESSAGE_CHARS, "the rest"
+    telegram_api.throttle_next(1, retry_after_s=1, after=1)  # the first part goes out, the second gets a 429
+    assert post_update(gateway.url, update(310, 30, first + second)).status_code == 200
+    texts = telegram_api.wait_for_texts(2, chat_id=30)
+    assert [len(text) for text in texts] == [len(first), len(second)]
+    assert "".join(texts) == first + second
+    calls = [call for call in telegram_api.calls if call.body.get("chat_id") == 30]
+    assert [call.throttled for call in calls] == [False, True, False]
 
 
 @pytest.mark.anyio

@@ -5,7 +5,7 @@ failure to retry; a 409/429 would only bring the same event back. So after the
 signature check the webhook always answers 2xx: it makes the message durable
 in its transcript when the write lock comes quickly, and otherwise (lock busy,
 backend down, the same event being accepted right now) writes it to the local
-spool (:class:`app.channels.worker.Spool`), which a background task appends
+spool (:class:`~sessiongate.gateway.channels.durable.Spool`), which a background task appends
 later. The turn runs after the ack, in :mod:`sessiongate.gateway.channels.worker`.
 
 Sessions follow Slack's conversations: ``slack:<team>:<channel>`` for a
@@ -29,20 +29,13 @@ from starlette.responses import JSONResponse, Response
 
 from sessiongate import RetryableError, Unauthorized, is_valid_session_id
 
+from .._body import json_object
 from ..settings import SlackSettings
-from .worker import (
-    Acceptance,
-    Channel,
-    ChannelNotConfigured,
-    DeliveryFailed,
-    DeliveryRetry,
-    Inbound,
-    bot_token,
-    channel_for,
-    post_json,
-    read_json_object,
-    seconds_or_default,
-)
+from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
+from .outbound import bot_token, post_json, seconds_or_default
+from .worker import channel_for
+
+__all__ = ["SlackChannel", "signature", "slack_webhook"]
 
 SIGNATURE_HEADER = "X-Slack-Signature"
 TIMESTAMP_HEADER = "X-Slack-Request-Timestamp"
@@ -142,8 +135,9 @@ async def slack_webhook(request: Request) -> Response:
     Bad signatures and bodies raise their typed errors to the app's handler (401, 400, 404).
     """
     worker, channel = channel_for(request, SlackChannel)
-    channel.verify(request.headers, await request.body())
-    payload = await read_json_object(request)
+    body = await request.body()
+    channel.verify(request.headers, body)
+    payload = json_object(body)
     if payload.get("type") == "url_verification":
         return JSONResponse({"challenge": payload.get("challenge")})
     inbound = channel.inbound(payload) if payload.get("type") == "event_callback" else None

@@ -20,20 +20,13 @@ from starlette.responses import JSONResponse, Response
 
 from sessiongate import InvalidRequest, SessionBusy, Unauthorized, problem_response
 
+from .._body import json_object
 from ..settings import TelegramSettings
-from .worker import (
-    Acceptance,
-    Channel,
-    ChannelNotConfigured,
-    DeliveryFailed,
-    DeliveryRetry,
-    Inbound,
-    bot_token,
-    channel_for,
-    post_json,
-    read_json_object,
-    seconds_or_default,
-)
+from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
+from .outbound import bot_token, post_json, seconds_or_default
+from .worker import channel_for
+
+__all__ = ["TelegramChannel", "telegram_webhook"]
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 MAX_MESSAGE_CHARS = 4096  # the Bot API's limit for one message's text
@@ -49,6 +42,9 @@ class TelegramChannel(Channel):
 
     def order_key(self, record: dict[str, Any]) -> int:
         return int(record.get("updateId", 0))
+
+    def parts(self, text: str) -> list[str]:
+        return [text[start:start + MAX_MESSAGE_CHARS] for start in range(0, max(1, len(text)), MAX_MESSAGE_CHARS)]
 
     @property
     def bot_id(self) -> str:
@@ -96,14 +92,12 @@ class TelegramChannel(Channel):
         token = bot_token(self.settings.bot_token_env)
         chat_id = int(session_id.removeprefix(f"{self.name}:"))
         url = f"{self.settings.api_base.rstrip('/')}/bot{token}/sendMessage"
-        for start in range(0, max(1, len(text)), MAX_MESSAGE_CHARS):
-            part = {"chat_id": chat_id, "text": text[start:start + MAX_MESSAGE_CHARS]}
-            response, answer = await post_json(http, url, part, what="sendMessage")
-            if response.status_code == 429 or answer.get("error_code") == 429:
-                asked = _object(answer.get("parameters")).get("retry_after") or response.headers.get("Retry-After")
-                raise DeliveryRetry("sendMessage: 429 Too Many Requests", retry_after_s=seconds_or_default(asked))
-            if not answer.get("ok"):
-                raise DeliveryFailed(f"sendMessage: {answer.get('description') or f'HTTP {response.status_code}'}")
+        response, answer = await post_json(http, url, {"chat_id": chat_id, "text": text}, what="sendMessage")
+        if response.status_code == 429 or answer.get("error_code") == 429:
+            asked = _object(answer.get("parameters")).get("retry_after") or response.headers.get("Retry-After")
+            raise DeliveryRetry("sendMessage: 429 Too Many Requests", retry_after_s=seconds_or_default(asked))
+        if not answer.get("ok"):
+            raise DeliveryFailed(f"sendMessage: {answer.get('description') or f'HTTP {response.status_code}'}")
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -122,7 +116,7 @@ async def telegram_webhook(request: Request) -> Response:
     try:
         worker, channel = channel_for(request, TelegramChannel)
         channel.check_secret(request)
-        inbound = channel.inbound(await read_json_object(request))
+        inbound = channel.inbound(json_object(await request.body()))
         if inbound is None:
             return JSONResponse({"ok": True, "ignored": "not a text message"})
         outcome = await worker.accept(inbound)

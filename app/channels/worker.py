@@ -29,110 +29,69 @@ written, exactly once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
-import enum
-import json
 import logging
 import os
 import time
-import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from starlette.requests import Request
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from sessiongate import LaneGrant, RetryableError, SessionBusy, SessionGateError, file_stem
+from sessiongate import Backend, LaneGrant, RetryableError, SessionBusy, TranscriptStore
 
-from .._body import json_object
 from .._logging import SESSION_ID
-from .._metrics import CHANNEL_DELIVERIES, CHANNEL_DELIVERY_RETRIES, CHANNEL_MESSAGES
+from .._metrics import CHANNEL_DELIVERIES, CHANNEL_MESSAGES
+from ..settings import GatewaySettings
+from ..turns import TurnRunner
+from .base import Acceptance, Channel, ChannelNotConfigured, DeliveryFailed, DeliveryRetry, Inbound
+from .durable import DeliveryCursors, Spool
+from .outbound import MAX_RETRY_AFTER_S, send_with_retries
 
-if TYPE_CHECKING:
-    from sessiongate.gateway._context import Gateway
+__all__ = ["ChannelWorker", "channel_for"]
 
 logger = logging.getLogger("sessiongate.channels")
 
 DEDUPE_TTL_MS = 7 * 86_400_000  # a platform's retries stop long before this (Telegram: 24 h)
 CLAIM_MARGIN_MS = 3_000  # an accept claim outlives the write-lock wait by this much (and a crash by no more)
 LANE_WAIT_MS = 5_000  # one try for the lane, before backing off and trying again
-SEND_ATTEMPTS = 5
-MAX_RETRY_AFTER_S = 60.0
 TURN_ATTEMPTS = 3
 MAX_TASK_FAILURES = 5
 IDLE_BACKOFF_S = 1.0
+SPOOL_TASK = "(spool)"  # task keys that are not valid session ids, so they never collide with one
+RECOVERY_TASK = "(recovery)"
 
-
-class ChannelNotConfigured(SessionGateError):
-    """A webhook was called for a channel whose config section (or secret) is not set."""
-
-    problem_type = "channel-not-configured"
-    default_status = 404
-    title = "Channel not configured"
-
-
-class DeliveryRetry(Exception):
-    """A transient delivery failure (rate limit, 5xx, network): try again after ``retry_after_s``."""
-
-    def __init__(self, detail: str, *, retry_after_s: float = 1.0) -> None:
-        super().__init__(detail)
-        self.retry_after_s = retry_after_s
-
-
-class DeliveryFailed(Exception):
-    """A permanent delivery failure (bad token, unknown chat): retrying would not help."""
-
-
-class Channel(ABC):
-    """One chat platform: how to order its messages and how to send a reply."""
-
-    name: ClassVar[str]
-
-    def owns(self, session_id: str) -> bool:
-        return session_id.startswith(f"{self.name}:")
-
-    def order_key(self, record: dict[str, Any]) -> int:
-        """Sort key among a session's pending messages; equal keys keep transcript order."""
-        return 0
-
-    @abstractmethod
-    async def send(self, http: httpx.AsyncClient, session_id: str, text: str) -> None:
-        """Deliver ``text`` to the chat behind ``session_id``; raise DeliveryRetry / DeliveryFailed."""
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """An inbound chat message on its way into a transcript."""
-
-    session_id: str
-    record: dict[str, Any]  # the user record: role, text, channel, externalId, ...
-    dedupe_key: str  # the platform's event id, as a backend record key
-
-
-class Acceptance(str, enum.Enum):
-    NEW = "new"  # appended now
-    DUPLICATE = "duplicate"  # already in the transcript (a platform retry)
-    IN_PROGRESS = "in-progress"  # the same event is being accepted by another request right now
+C = TypeVar("C", bound=Channel)
 
 
 class ChannelWorker:
     """Accepts inbound messages durably and runs each channel session's turns in the background."""
 
-    def __init__(self, gateway: Gateway, channels: Iterable[Channel]) -> None:
-        self._gateway = gateway
+    def __init__(
+        self,
+        channels: Iterable[Channel],
+        *,
+        settings: GatewaySettings,
+        backend: Backend,
+        store: TranscriptStore,
+        turns: TurnRunner,
+        http: httpx.AsyncClient,
+    ) -> None:
         self._channels = list(channels)
+        self._backend = backend
+        self._store = store
+        self._turns = turns
+        self._http = http
+        self._running = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()
         self._given_up: set[str] = set()  # user record ids whose turn failed TURN_ATTEMPTS times
-        channels_dir = Path(gateway.settings.data_dir) / "channels"
+        channels_dir = Path(settings.data_dir) / "channels"
         self._spool = Spool(channels_dir / "spool")
         self._cursors = DeliveryCursors(channels_dir / "delivered")
-        self._claim_ttl_ms = gateway.settings.session_write_lock.timeout_ms + CLAIM_MARGIN_MS
+        self._claim_ttl_ms = settings.session_write_lock.timeout_ms + CLAIM_MARGIN_MS
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -150,7 +109,7 @@ class ChannelWorker:
         return outcome
 
     async def _accept(self, inbound: Inbound) -> Acceptance:
-        records = self._gateway.backend.records
+        records = self._backend.records
         if await records.get(inbound.dedupe_key) is not None:
             return Acceptance.DUPLICATE
         claim_key = f"{inbound.dedupe_key}:claim"
@@ -160,7 +119,7 @@ class ChannelWorker:
             if await self._in_transcript(inbound):
                 outcome = Acceptance.DUPLICATE
             else:
-                await self._gateway.store.append(inbound.session_id, [inbound.record], fence=None)
+                await self._store.append(inbound.session_id, [inbound.record], fence=None)
                 outcome = Acceptance.NEW
             await records.put(inbound.dedupe_key, {"at": time.time()}, ttl_ms=DEDUPE_TTL_MS)
         finally:
@@ -175,7 +134,7 @@ class ChannelWorker:
         self.kick(SPOOL_TASK)
 
     async def _in_transcript(self, inbound: Inbound) -> bool:
-        found = await self._gateway.store.find(inbound.session_id, "externalId", str(inbound.record["externalId"]))
+        found = await self._store.find(inbound.session_id, "externalId", str(inbound.record["externalId"]))
         return found is not None
 
     # -- background tasks ------------------------------------------------------------------
@@ -192,8 +151,14 @@ class ChannelWorker:
         # a fresh context: the task outlives the request that kicked it, and must not log its request id
         self._tasks[key] = asyncio.create_task(run, name=f"channel {key}", context=contextvars.Context())
 
+    @property
+    def running(self) -> bool:
+        """Between :meth:`start` and :meth:`aclose`: only then may a webhook hand it work."""
+        return self._running
+
     def start(self) -> None:
         """Resume, in the background, what a previous run left: spooled messages, then channel sessions with work."""
+        self._running = True
         self.kick(SPOOL_TASK)
         self._spawn(RECOVERY_TASK, self._recover())
 
@@ -201,11 +166,11 @@ class ChannelWorker:
         """Kick every channel session with an unanswered message or an undelivered reply."""
         try:
             resumed = 0
-            for session_id in await self._gateway.store.session_ids():
+            for session_id in await self._store.session_ids():
                 channel = self._channel_of(session_id)
                 if channel is None:
                     continue
-                transcript = await self._gateway.store.read_unlocked(session_id)
+                transcript = await self._store.read_unlocked(session_id)
                 if await self._next_work(channel, session_id, transcript) != (None, None):
                     self.kick(session_id)
                     resumed += 1
@@ -215,6 +180,7 @@ class ChannelWorker:
 
     async def aclose(self) -> None:
         """Cancel the background tasks; their unfinished work is picked up on the next start."""
+        self._running = False
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -256,10 +222,9 @@ class ChannelWorker:
         """Under the session's lane: deliver one pending reply or run one pending turn."""
         channel = self._channel_of(session_id)
         assert channel is not None
-        gateway = self._gateway
-        grant = await gateway.backend.acquire_lane(session_id, max_wait_ms=LANE_WAIT_MS)
+        grant = await self._backend.acquire_lane(session_id, max_wait_ms=LANE_WAIT_MS)
         try:
-            transcript = await gateway.store.read(session_id)
+            transcript = await self._store.read(session_id)
             reply, user = await self._next_work(channel, session_id, transcript)
             if user is not None:
                 reply = await self._run_turn(session_id, user, grant, transcript)
@@ -276,7 +241,7 @@ class ChannelWorker:
         """The turn for a stored user record; ``None`` when it failed (retried up to TURN_ATTEMPTS)."""
         for attempt in range(1, TURN_ATTEMPTS + 1):
             try:
-                result = await self._gateway.turns.run_turn(
+                result = await self._turns.run_turn(
                     grant, session_id, user, already_stored=True, transcript=transcript
                 )
                 return result.reply
@@ -327,17 +292,8 @@ class ChannelWorker:
 
     async def _deliver(self, channel: Channel, session_id: str, reply: dict[str, Any]) -> None:
         """Send ``reply`` with bounded retries honouring the platform's retry-after, then move the cursor."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(DeliveryRetry),
-            wait=_platform_retry_after,
-            stop=stop_after_attempt(SEND_ATTEMPTS),
-            before_sleep=lambda _: CHANNEL_DELIVERY_RETRIES.labels(channel=channel.name).inc(),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    await channel.send(self._gateway.http, session_id, reply["text"])
+            await send_with_retries(channel, self._http, session_id, reply["text"])
             state: dict[str, Any] = {"status": "sent"}
             logger.info("reply %s to %s delivered", reply["id"], session_id)
         except (DeliveryRetry, DeliveryFailed) as exc:
@@ -370,138 +326,9 @@ class ChannelWorker:
         return found
 
 
-C = TypeVar("C", bound=Channel)
-
-
 def channel_for(request: Request, kind: type[C]) -> tuple[ChannelWorker, C]:
     """The channel worker of the gateway serving ``request``, and its channel of ``kind``."""
-    worker: ChannelWorker | None = request.app.state.gateway.channels
-    if worker is None:
+    worker: ChannelWorker = request.app.state.gateway.channels
+    if not worker.running:
         raise ChannelNotConfigured("the channel worker is not running")
     return worker, worker.channel(kind)
-
-
-async def read_json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object; raises InvalidRequest."""
-    return json_object(await request.body())
-
-
-def bot_token(env_name: str) -> str:
-    """The bot token from the environment variable the config names; without it no delivery can succeed."""
-    token = os.environ.get(env_name)
-    if not token:
-        raise DeliveryFailed(f"environment variable {env_name} (the bot token) is not set")
-    return token
-
-
-async def post_json(
-    http: httpx.AsyncClient, url: str, payload: dict[str, Any], *, what: str, headers: dict[str, str] | None = None
-) -> tuple[httpx.Response, dict[str, Any]]:
-    """POST ``payload`` to a platform API; network errors and 5xx raise DeliveryRetry.
-
-    Returns the response and its JSON object body (empty when it has none).
-    """
-    try:
-        response = await http.post(url, json=payload, headers=headers)
-    except httpx.TransportError as exc:
-        raise DeliveryRetry(f"{what}: {type(exc).__name__}") from exc
-    if response.status_code >= 500:
-        raise DeliveryRetry(f"{what}: HTTP {response.status_code}")
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {}
-    return response, answer if isinstance(answer, dict) else {}
-
-
-SPOOL_TASK = "(spool)"  # task keys that are not valid session ids, so they never collide with one
-RECOVERY_TASK = "(recovery)"
-
-
-def seconds_or_default(value: object, default: float = 1.0) -> float:
-    """A platform's retry-after as seconds; ``default`` when it is missing or not a number."""
-    if not isinstance(value, (int, float, str)):
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        return default
-
-
-def _platform_retry_after(retry_state: RetryCallState) -> float:
-    """tenacity wait: what the platform asked for (1 s when it did not say), capped at ``MAX_RETRY_AFTER_S``."""
-    outcome = retry_state.outcome
-    error = outcome.exception() if outcome is not None else None
-    asked = error.retry_after_s if isinstance(error, DeliveryRetry) else 1.0
-    return min(MAX_RETRY_AFTER_S, max(0.0, asked))
-
-
-class Spool:
-    """Inbound messages accepted while their transcript was busy: one fsynced JSON file each.
-
-    Used by Slack, which must be acknowledged within 3 s and must never get a
-    409/429. It lives in the data dir beside the transcripts, so every
-    gateway sharing the transcripts drains it (on its next start at the latest).
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def put(self, inbound: Inbound) -> None:
-        write_durably(self.directory / f"{time.time_ns():020d}-{uuid.uuid4().hex}.json", asdict(inbound))
-
-    def entries(self) -> list[tuple[Path, Inbound]]:
-        """Spooled messages, oldest first (unreadable files are left for an operator)."""
-        if not self.directory.is_dir():
-            return []
-        entries = []
-        for path in sorted(self.directory.glob("[0-9]*.json")):
-            try:
-                entries.append((path, Inbound(**json.loads(path.read_text(encoding="utf-8")))))
-            except (OSError, ValueError, TypeError) as exc:
-                logger.error("unreadable spool file %s: %s", path, exc)
-        return entries
-
-    def remove(self, path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-class DeliveryCursors:
-    """Per session, the newest reply handed to the platform (or given up on): one small JSON file each.
-
-    Kept beside the transcripts rather than in the TTL records, so it never
-    expires and is exactly as shared (and as durable) as the transcripts it
-    points into. Written only under the session's lane.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def get(self, session_id: str) -> str | None:
-        try:
-            return json.loads(self._path(session_id).read_text(encoding="utf-8"))["replyId"]
-        except FileNotFoundError:
-            return None
-
-    def put(self, session_id: str, state: dict[str, Any]) -> None:
-        write_durably(self._path(session_id), state)
-
-    def _path(self, session_id: str) -> Path:
-        return self.directory / f"{file_stem(session_id)}.json"
-
-
-def write_durably(path: Path, value: dict[str, Any]) -> None:
-    """Replace ``path`` with ``value`` as JSON, atomically and fsynced (file and directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
-    directory_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 from sessiongate import MAX_IDEMPOTENCY_KEY_LENGTH, PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_BASE, SESSION_ID_PATTERN
 
 from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
-from ..paths import MESSAGES
+from ..paths import CHAT_COMPLETIONS, MESSAGES, MODELS
 from .sessions import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT
 
 PROBLEM_TYPES = {
@@ -43,21 +43,30 @@ _RETRY_AFTER = {
     "description": "seconds to wait before retrying (integer, at least 1)",
     "schema": {"type": "integer", "minimum": 1},
 }
-_RATELIMIT_HEADERS = {
+_RETRY_HEADERS = {
     "Retry-After": _RETRY_AFTER,
+    "retry-after-ms": {"description": "the finer estimate, in milliseconds (read by the OpenAI and Anthropic SDKs)",
+                       "schema": {"type": "integer", "minimum": 1}},
+    "x-should-retry": {"description": "true on retryable answers, false on every other error",
+                       "schema": {"type": "string", "enum": ["true", "false"]}},
+}
+_RATELIMIT_HEADERS = {
+    **_RETRY_HEADERS,
     "RateLimit": {"description": "remaining quota (draft-ietf-httpapi-ratelimit-headers)",
                   "schema": {"type": "string"}},
     "RateLimit-Policy": {"description": "the quota policy", "schema": {"type": "string"}},
 }
 
 
-def _problem(description: str, *, retryable: bool = False, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+def _problem(description: str, *, retryable: bool = False, headers: dict[str, Any] | None = None,
+             media_type: str = PROBLEM_CONTENT_TYPE, schema: str = "Problem") -> dict[str, Any]:
+    """An error answer: problem+json, or (``media_type``, ``schema``) on a route with another error format."""
     response: dict[str, Any] = {
         "description": description,
-        "content": {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "content": {media_type: {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
     }
     if retryable or headers:
-        response["headers"] = headers or {"Retry-After": _RETRY_AFTER}
+        response["headers"] = headers or _RETRY_HEADERS
     return response
 
 
@@ -91,6 +100,67 @@ _SESSION_API_ERRORS = {
     "413": _problem("payload-too-large"),
     "500": _problem("internal-error"),
 }
+
+
+def _turn_errors(media_type: str = PROBLEM_CONTENT_TYPE, schema: str = "Problem") -> dict[str, Any]:
+    """The error answers of a route that runs a turn (checks in the contract's order, then the turn)."""
+    def error(description: str, *, retryable: bool = False, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _problem(description, retryable=retryable, headers=headers, media_type=media_type, schema=schema)
+
+    return {
+        "400": error("invalid-request / invalid-session-id"),
+        "401": error("unauthorized (only when auth.tokens is set)"),
+        "405": error("method-not-allowed"),
+        "409": error("session-busy / idempotency-in-flight", retryable=True),
+        "413": error("payload-too-large"),
+        "422": error("idempotency-key-reused"),
+        "429": error("rate-limited / queue-full (or session-busy with contention.status=429)",
+                     headers=_RATELIMIT_HEADERS),
+        "500": error("internal-error"),
+        "502": error("all-providers-failed"),
+        "503": error("backend-unavailable", retryable=True),
+    }
+
+
+_OPENAI_ERROR_MEDIA = ("application/json", "OpenAIError")
+_IDEMPOTENCY_KEY_PARAM = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "repeat-safe retries: a repeat gets the stored answer",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
+}
+_CHAT_COMPLETIONS = {
+    "post": {
+        "summary": "OpenAI Chat Completions: the last user message is one turn of the session",
+        "description": "The session is the X-Session-Id header, else the 'user' field. Only the last 'user' "
+                       "message is read; the history sent to the model is the session's transcript. 'model' "
+                       "names the provider tried first (an unknown name keeps the configured order). Errors "
+                       "are OpenAI's {\"error\": {message, type, code}} with code = the problem name.",
+        "operationId": "createChatCompletion",
+        "parameters": [
+            {"name": "X-Session-Id", "in": "header", "required": False,
+             "description": "the session (else the body's 'user')", "schema": {"$ref": "#/components/schemas/SessionId"}},
+            _IDEMPOTENCY_KEY_PARAM,
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+        },
+        "responses": {
+            "200": {"description": "a chat.completion, or with stream=true chat.completion.chunk events and [DONE]",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **_turn_errors(*_OPENAI_ERROR_MEDIA),
+        },
+    }
+}
+_MODELS = {"get": {
+    "summary": "The configured providers, as OpenAI models (in failover order)",
+    "operationId": "listModels",
+    "responses": {"200": _json("ModelList", "the providers"),
+                  "401": _turn_errors(*_OPENAI_ERROR_MEDIA)["401"]},
+}}
 
 
 def _webhook(summary: str) -> dict[str, Any]:
@@ -137,13 +207,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Send a message and get the reply (one turn)",
                     "operationId": "postMessage",
-                    "parameters": [{
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "description": "repeat-safe retries: a repeat gets the stored answer",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
-                    }],
+                    "parameters": [_IDEMPOTENCY_KEY_PARAM],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MessageIn"}}},
@@ -151,12 +215,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json("TurnReply", "the reply; user message and reply are in the transcript"),
                         **_SESSION_API_ERRORS,
-                        "409": _problem("session-busy / idempotency-in-flight", retryable=True),
-                        "422": _problem("idempotency-key-reused"),
-                        "429": _problem("rate-limited / queue-full (or session-busy with contention.status=429)",
-                                        headers=_RATELIMIT_HEADERS),
-                        "502": _problem("all-providers-failed"),
-                        "503": _problem("backend-unavailable", retryable=True),
+                        **_turn_errors(),
                     },
                 },
                 "get": {
@@ -187,6 +246,8 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            CHAT_COMPLETIONS: _CHAT_COMPLETIONS,
+            MODELS: _MODELS,
             "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),
             "/v1/webhooks/slack": _webhook("Slack Events API request (signature and timestamp checked)"),
             "/healthz": _public_get("Liveness: the process serves", "healthz", {"200": _json("Status", "up")}),
@@ -260,6 +321,7 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+        **_openai_schemas(),
         "Problem": {
             "type": "object",
             "required": ["type", "title", "status", "detail"],
@@ -273,6 +335,56 @@ def _schemas() -> dict[str, Any]:
                 "sessionId": {"type": "string"},
                 "retryAfterMs": {"type": "integer", "minimum": 1},
             },
+        },
+    }
+
+
+def _openai_schemas() -> dict[str, Any]:
+    """What the gateway reads of and writes in the OpenAI wire format (other request fields are accepted and ignored)."""
+    nullable = {"string": {"type": ["string", "null"]}, "boolean": {"type": ["boolean", "null"]}}
+    return {
+        "ChatCompletionRequest": {
+            "type": "object",
+            "required": ["messages"],
+            "properties": {
+                "messages": {"type": "array", "items": {"type": "object"},
+                             "description": "the last message with role 'user' (text content) is the new turn"},
+                "model": nullable["string"],
+                "user": nullable["string"],
+                "stream": nullable["boolean"],
+                "stream_options": {"type": ["object", "null"]},
+            },
+        },
+        "ChatCompletion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion"},
+                "created": {"type": "integer"},
+                "model": {"type": "string", "description": "id of the provider that answered"},
+                "choices": {"type": "array", "items": {"type": "object"}},
+                "usage": {"type": "object", "description": "only when the provider reported token usage"},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+                "type": "object", "required": ["id", "object", "created", "owned_by"],
+                "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                               "created": {"type": "integer"}, "owned_by": {"type": "string"}}}}},
+        },
+        "OpenAIError": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {
+                "type": "object",
+                "required": ["message", "type", "code"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "code": {"type": "string", "enum": list(PROBLEM_TYPES)},
+                               "param": {"type": "null"}},
+            }},
         },
     }
 

@@ -1,4 +1,4 @@
-"""The webchat page: ``GET /`` and its static assets, served from ``app/static``.
+"""The webchat page: ``GET /`` and its static assets (package data ``sessiongate.gateway/static``, source ``app/static``).
 
 Plain files, no build step. The page loads nothing from anywhere but the
 gateway itself, and says so to the browser with a Content-Security-Policy.
@@ -13,7 +13,7 @@ from starlette.responses import FileResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-STATIC_PACKAGE = ("app", "static")
+STATIC_PACKAGE = ("sessiongate.gateway", "static")
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "

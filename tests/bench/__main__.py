@@ -30,6 +30,7 @@ BENCHMARKS = [
     "tests.bench.bench_redis_transcripts",
     "tests.bench.bench_memory",
     "tests.bench.bench_history",
+    "tests.bench.bench_clients",
 ]
 
 

@@ -60,8 +60,11 @@ async def _healthz(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
+_TURN_PATH = re.compile(r"/s/([^/]+)/turn")  # compiled once, as an application would
+
+
 def _session_of(scope: Scope) -> str | None:
-    match = re.fullmatch(r"/s/([^/]+)/turn", scope["path"])
+    match = _TURN_PATH.fullmatch(scope["path"])
     return match.group(1) if match else None
 
 

@@ -3,7 +3,8 @@
 Tests tell it how to behave (answer, answer after a delay, fail with a
 status, hang, send garbage) and read what it saw: the number of calls and the
 request bodies. It replies ``"<name>: <last user message>"`` so a test can
-tell which provider answered.
+tell which provider answered, with ``usage``: one prompt token per message
+sent, two completion tokens.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class FakeOpenAI:
             "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": f"{self.name}: {last_user}"}}],
+            "usage": {"prompt_tokens": len(body["messages"]), "completion_tokens": 2, "total_tokens": len(body["messages"]) + 2},
         })
 
     def app(self) -> Starlette:

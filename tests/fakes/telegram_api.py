@@ -40,20 +40,23 @@ class RecordingApi:
 
     calls: list[Call] = field(default_factory=list)
     _throttle_next: int = 0
+    _pass_first: int = 0
     _retry_after_s: int = 1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def throttle_next(self, count: int, *, retry_after_s: int = 1) -> None:
-        """Answer the next ``count`` calls with 429 and ``retry_after_s``."""
+    def throttle_next(self, count: int, *, retry_after_s: int = 1, after: int = 0) -> None:
+        """Answer ``count`` calls with 429 and ``retry_after_s``: the next ones once ``after`` calls have passed."""
         with self._lock:
             self._throttle_next = count
+            self._pass_first = after
             self._retry_after_s = retry_after_s
 
     async def record(self, request: Request) -> tuple[Call, int | None]:
         """Log the call; the second item is the retry-after to answer with when throttled."""
         body = await request.json()
         with self._lock:
-            throttled = self._throttle_next > 0
+            throttled = self._throttle_next > 0 and self._pass_first == 0
+            self._pass_first -= self._pass_first > 0
             self._throttle_next -= throttled
             call = Call(request.url.path, dict(request.headers), body, time.monotonic(), throttled)
             self.calls.append(call)

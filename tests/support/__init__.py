@@ -212,8 +212,8 @@ class GatewayProcess:
 
     def start(self, *, timeout: float = 20.0) -> GatewayProcess:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.args, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        self.process = subprocess.Popen(  # outside the checkout, so nothing resolves from its app/ or middleware/
+            self.args, cwd=self.data_dir.parent, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
 
