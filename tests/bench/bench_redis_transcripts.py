@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from sessiongate import Settings, open_backend, open_transcripts
 from sessiongate.transcripts.redis import RedisTranscriptStore
-from tests.bench.bench_redis import BENCH_REDIS_URL, SESSIONS, _ops_per_second
+from tests.bench.bench_redis import BENCH_REDIS_URL, SESSIONS, ops_pair, ratio_row
 
 __all__ = ["run"]
 
@@ -81,15 +81,7 @@ async def _measure(seconds: float, rounds: int, tail_reads: int, data_dir: Path)
         async def bare_xadd(session_id: str) -> None:
             await client.xadd(f"raw:{session_id}", {"r": payload})
 
-        pairs = []
-        for round_number in range(rounds):
-            if round_number % 2:
-                ours = await _ops_per_second(fenced_append, seconds, "f")
-                bare = await _ops_per_second(bare_xadd, seconds, "f")
-            else:
-                bare = await _ops_per_second(bare_xadd, seconds, "f")
-                ours = await _ops_per_second(fenced_append, seconds, "f")
-            pairs.append((ours, bare))
+        pairs = [await ops_pair(fenced_append, bare_xadd, seconds, "f", number) for number in range(rounds)]
 
         await _fill(raw, store.keys.stream("big"), BIG_SESSION)
         latencies = []
@@ -110,20 +102,10 @@ def run(quick: bool = False) -> list[dict]:
     seconds, rounds, tail_reads = (0.4, 2, 200) if quick else (1.0, 7, 2_000)
     with tempfile.TemporaryDirectory() as tmp:
         pairs, latencies = asyncio.run(_measure(seconds, rounds, tail_reads, Path(tmp)))
-    ratio = statistics.median(bare / ours for ours, bare in pairs)
     median_ms = statistics.median(latencies)
     p99_ms = statistics.quantiles(latencies, n=100)[98]
     return [
-        {
-            "name": f"redis transcript append with fence ({SESSIONS} sessions at once)",
-            "value": round(statistics.median(ours for ours, _ in pairs)),
-            "unit": "ops/s",
-            "baseline": "bare XADD of the same record",
-            "baseline_value": round(statistics.median(bare for _, bare in pairs)),
-            "ratio": round(ratio, 2),
-            "goal": f"≤ {APPEND_GOAL_RATIO}× bare",
-            "met": ratio <= APPEND_GOAL_RATIO,
-        },
+        ratio_row("transcript append with fence", pairs, "bare XADD of the same record", APPEND_GOAL_RATIO),
         {
             "name": f"redis transcript tail({TAIL}) of a {BIG_SESSION:,}-record session (p99 {p99_ms:.2f} ms)",
             "value": round(median_ms, 3),
