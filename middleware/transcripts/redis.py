@@ -32,7 +32,6 @@ from .._backend import Backend
 from .._errors import FencedOut
 from .._metrics import FENCING_REFUSALS
 from .._redis import OUTAGE_ERRORS, outage_as_backend_unavailable, unavailable
-from .._write_lock import WriteLockHold
 from .base import Durability, LockedTranscript, Page, Record, TranscriptStore, completed, encode, indexed_values
 
 __all__ = ["RedisLockedTranscript", "RedisTranscriptStore", "TranscriptKeys", "judge_persistence"]
@@ -74,9 +73,13 @@ class RedisTranscriptStore(TranscriptStore):
 
     @asynccontextmanager
     async def locked(self, session_id: str) -> AsyncIterator[RedisLockedTranscript]:
-        """The write lock (a Redis lease) around several steps, as the file store does."""
-        async with self._backend.write_lock(session_id) as hold:
-            yield RedisLockedTranscript(self, session_id, hold)
+        """The write lock (a Redis lease) around several steps, as the file store does.
+
+        Appends need no lock here (the script is atomic and checks the fence), but
+        a read-then-append section keeps the same meaning on both stores.
+        """
+        async with self._backend.write_lock(session_id):
+            yield RedisLockedTranscript(self, session_id)
 
     async def read(self, session_id: str) -> list[Record]:
         async with self.locked(session_id) as transcript:
@@ -125,7 +128,7 @@ class RedisTranscriptStore(TranscriptStore):
         stored = [completed(record, fence) for record in records]
         if stored:
             newest = await self._write(session_id, stored, fence)
-            if newest > 0:
+            if newest not in (WRITTEN, REPEATED):  # a repeat is this very append, sent again
                 FENCING_REFUSALS.inc()
                 raise FencedOut(session_id, fence=fence or 0, current_fence=newest)
         return stored
@@ -181,10 +184,9 @@ class RedisTranscriptStore(TranscriptStore):
 class RedisLockedTranscript(LockedTranscript):
     """One session's Redis transcript while its write lock is held (from :meth:`RedisTranscriptStore.locked`)."""
 
-    def __init__(self, store: RedisTranscriptStore, session_id: str, hold: WriteLockHold) -> None:
+    def __init__(self, store: RedisTranscriptStore, session_id: str) -> None:
         self.session_id = session_id
         self._store = store
-        self._hold = hold
 
     async def read(self) -> list[Record]:
         return await self._store.read_unlocked(self.session_id)
