@@ -12,6 +12,7 @@ signatures), and the webchat page and probes stay public.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sessiongate import Unauthorized, error_format_of, problem_response
 
 from ._openai import OPENAI_PATHS
+from .settings import GatewaySettings
 
 PROTECTED_PREFIX = "/v1/sessions"
 
@@ -30,6 +32,28 @@ def bearer_token(scope: Scope) -> bytes | None:
             scheme, _, token = value.partition(b" ")
             return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (``server.host``) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def open_api_warning(settings: GatewaySettings) -> str | None:
+    """What an open sessions API exposes when channels are on beyond loopback (for ``serve`` and ``doctor``)."""
+    channels = [name for name in ("telegram", "slack") if getattr(settings.channels, name) is not None]
+    if not channels or settings.auth.tokens or is_loopback(settings.server.host):
+        return None
+    return (
+        f"channels ({', '.join(channels)}) are on and {PROTECTED_PREFIX} has no auth.tokens while listening on "
+        f"{settings.server.host}: anyone who can reach it reads and writes their transcripts "
+        f"({channels[0]}:<chat>); set auth.tokens"
+    )
 
 
 def is_protected(path: str) -> bool:

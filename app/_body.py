@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sessiongate import (
     InvalidRequest,
     PayloadTooLarge,
+    UnsupportedMediaType,
     error_format_of,
     parsed_body,
     send_problem,
@@ -40,6 +41,7 @@ __all__ = [
     "gated_session_key",
     "json_object",
     "parse_message",
+    "require_json",
 ]
 
 MAX_TEXT_CHARS = 32_000
@@ -66,6 +68,7 @@ def gated_body_parser(scope: Scope) -> Callable[[bytes], MessageIn | ChatRequest
     if scope["method"] != "POST":
         return None
     if scope["path"] == CHAT_COMPLETIONS:
+        require_json(scope)
         return lambda body: parse_chat_request(
             scope, json_object(body, example=' like {"model": "echo", "messages": [...]}'), max_text_chars=MAX_TEXT_CHARS
         )
@@ -73,6 +76,7 @@ def gated_body_parser(scope: Scope) -> Callable[[bytes], MessageIn | ChatRequest
     if session_id is None:
         return None
     validate_session_id(session_id)
+    require_json(scope)
     return lambda body: parse_message(session_id, body)
 
 
@@ -93,6 +97,20 @@ def declared_length(scope: Scope) -> int | None:
             except ValueError:
                 raise InvalidRequest("Content-Length is not a number") from None
     return None
+
+
+def require_json(scope: Scope) -> None:
+    """Raise :class:`UnsupportedMediaType` unless the body is declared ``application/json``.
+
+    A JSON route that took any body would accept a browser's ``text/plain``
+    "simple" request, which no preflight guards.
+    """
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            if value.split(b";", 1)[0].strip().lower() == b"application/json":
+                return
+            break
+    raise UnsupportedMediaType("the body must be sent as Content-Type: application/json")
 
 
 class BodyLimit:

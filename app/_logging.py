@@ -19,10 +19,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+from sessiongate import REQUEST_ID
+
 SESSION_ID: ContextVar[str | None] = ContextVar("session_id", default=None)
 
 _WELL_FORMED_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# C0 and C1 controls, DEL and the Unicode line/paragraph separators: anything that could start a forged line.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [req=%(request_id)s session=%(session_id)s] %(message)s"
 
 log = logging.getLogger("sessiongate.access")
@@ -35,6 +38,21 @@ class _ContextFilter(logging.Filter):
         record.request_id = REQUEST_ID.get()
         record.session_id = SESSION_ID.get()
         return True
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as its Python escape (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return _CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """The text format, one line per record whatever a field holds (a path's ``%0A`` cannot forge a line).
+
+    Only a traceback, added after the escaped line, spans several lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -62,7 +80,7 @@ def configure_logging(log_format: str, *, level: int = logging.INFO) -> None:
     """Send every logger (ours and uvicorn's) to stderr in ``log_format`` (``text`` or ``json``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
+    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else OneLineFormatter(_TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

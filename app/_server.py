@@ -2,8 +2,12 @@
 
 Middleware, outer to inner (each refuses what it can before the next costs more):
 
-1. CORS: browsers may read the retry hints (``Retry-After``, ``retry-after-ms``,
-   ``x-should-retry``), ``RateLimit*``, ``Idempotent-Replayed``.
+0. uvicorn's ``ProxyHeadersMiddleware``, only for ``server.trustedProxies``: the client
+   address behind them (``serve`` turns uvicorn's own, which trusts 127.0.0.1, off).
+1. CORS, only for ``server.corsOrigins`` (default none): those pages may read the retry hints
+   (``Retry-After``, ``retry-after-ms``, ``x-should-retry``), ``RateLimit*``, ``Idempotent-Replayed``.
+   Then :class:`~sessiongate.gateway._origin.CrossSiteGuard`: a cross-site browser request that
+   could change state is refused (403).
 2. :class:`~sessiongate.gateway._logging.RequestLog`: request id, one structured line per request.
 3. :class:`~sessiongate.gateway._openai.OpenAIErrors`: errors of the OpenAI-compatible
    routes are written in OpenAI's shape (same statuses and headers).
@@ -23,6 +27,7 @@ error format (problem+json unless OpenAI's), 404 and 405 included.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,6 +42,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from sessiongate import (
     EXPOSED_HEADERS,
@@ -45,19 +51,19 @@ from sessiongate import (
     client_address,
     error_format_of,
     open_backend,
-    parsed_body,
     problem_response,
     problem_status,
     send_problem,
 )
 
 from . import channels
-from ._auth import BearerAuth
-from ._body import BodyLimit, MessageIn, gated_body_parser, gated_session_key
+from ._auth import BearerAuth, bearer_token
+from ._body import BodyLimit, gated_body_parser, gated_session_key
 from ._context import Gateway
-from ._logging import REQUEST_ID, RequestLog, configure_logging
+from ._logging import RequestLog, configure_logging
 from ._loop_lag import sampling_loop_lag
 from ._openai import OpenAIErrors
+from ._origin import CrossSiteGuard
 from .routes import chat, health, metrics, openapi, sessions, webchat
 from .settings import GatewaySettings
 
@@ -102,24 +108,36 @@ class ErrorBoundary:
             error = exc if isinstance(exc, SessionGateError) else None
             if error is None:
                 log.exception("unhandled error in %s %s", scope["method"], scope["path"])
-                error = SessionGateError(f"unexpected error; logged with request id {REQUEST_ID.get()}")
+                error = SessionGateError(f"unhandled {type(exc).__name__} (traceback above)")
             if started:
                 log.warning("error after the response started, connection dropped: %s", exc)
                 return
             await send_problem(send, error, problem_status(error, self.settings), error_format_of(scope))
 
 
-def message_sender_key(scope: Scope) -> str | None:
-    """For ``rateLimits.perSender``: the message's ``sender``, else the client address."""
-    message = parsed_body(scope)
-    return message.sender if isinstance(message, MessageIn) and message.sender else client_address(scope)
+def sender_key(settings: GatewaySettings) -> Callable[[Scope], str | None]:
+    """For ``rateLimits.perSender``: who the request provably comes from, never a name its body claims.
+
+    With ``auth.tokens`` the bearer token (checked by :class:`BearerAuth`
+    before the gate) names the sender, as a digest so no token reaches the
+    rate-limit storage; without, anyone may send any token, so the sender is
+    the client address (from ``X-Forwarded-For`` only behind ``server.trustedProxies``).
+    """
+    tokens_checked = bool(settings.auth.tokens)
+
+    def key(scope: Scope) -> str | None:
+        token = bearer_token(scope) if tokens_checked else None
+        if token is not None:
+            return "token:" + hashlib.sha256(token).hexdigest()[:32]
+        address = client_address(scope)
+        return None if address is None else "ip:" + address
+
+    return key
 
 
 def exception_handlers(settings: GatewaySettings) -> dict[type[Exception], ExceptionHandler]:
     async def typed_error(request: Request, error: Exception) -> Response:
-        assert isinstance(error, SessionGateError)
-        if error.problem_type == SessionGateError.problem_type:  # a fault, not a typed answer: keep a trace
-            log.error("internal error in %s %s: %s", request.method, request.url.path, error.detail)
+        assert isinstance(error, SessionGateError)  # a 5xx detail is logged, not sent (sessiongate._problem)
         return problem_response(error, problem_status(error, settings), error_format_of(request.scope))
 
     async def http_error(request: Request, error: Exception) -> Response:
@@ -130,6 +148,24 @@ def exception_handlers(settings: GatewaySettings) -> dict[type[Exception], Excep
         return response
 
     return {SessionGateError: typed_error, HTTPException: http_error}
+
+
+def trusted_proxy_headers(proxies: list[str]) -> list[Middleware]:
+    """The client address (and scheme) from ``X-Forwarded-For`` / ``-Proto``, only when the peer is a trusted proxy."""
+    return [Middleware(ProxyHeadersMiddleware, trusted_hosts=proxies)] if proxies else []
+
+
+def cors(origins: list[str]) -> list[Middleware]:
+    """CORS for the configured origins only; none by default (the webchat page is same-origin)."""
+    if not origins:
+        return []
+    return [Middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id", "X-Session-Id"],
+        expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
+    )]
 
 
 def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
@@ -154,21 +190,17 @@ def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport
         routes=[*sessions.routes(), *chat.routes(), *health.routes(), *metrics.routes(), *openapi.routes(), *webchat.routes(),
                 *channels.routes()],
         middleware=[
-            Middleware(
-                CORSMiddleware,
-                allow_origins=["*"],
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id", "X-Session-Id"],
-                expose_headers=[*EXPOSED_HEADERS, "X-Request-Id"],
-            ),
+            *trusted_proxy_headers(settings.server.trusted_proxies),
+            *cors(settings.server.cors_origins),
             Middleware(RequestLog),
             Middleware(OpenAIErrors),
             Middleware(ErrorBoundary, settings=settings),
+            Middleware(CrossSiteGuard, allowed_origins=settings.server.cors_origins),
             Middleware(BearerAuth, tokens=settings.auth.tokens),
             Middleware(BodyLimit, max_bytes=settings.server.max_body_bytes),
             Middleware(
                 SessionGate, settings=settings, backend=backend,
-                session_key=gated_session_key, sender_key=message_sender_key, body_parser=gated_body_parser,
+                session_key=gated_session_key, sender_key=sender_key(settings), body_parser=gated_body_parser,
                 max_body_bytes=settings.server.max_body_bytes,
             ),
         ],

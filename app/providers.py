@@ -61,6 +61,7 @@ class AllProvidersFailed(SessionGateError):
     problem_type: ClassVar[str] = "all-providers-failed"
     default_status: ClassVar[int] = 502
     title: ClassVar[str] = "All providers failed"
+    detail_is_public: ClassVar[bool] = True  # provider ids and failure kinds, nothing of the server's
 
     def __init__(self, errors: Sequence[ProviderError], *, session_id: str | None = None) -> None:
         super().__init__("every provider failed: " + "; ".join(str(error) for error in errors), session_id=session_id)
@@ -99,6 +100,7 @@ class Provider(ABC):
 
     def __init__(self, settings: ProviderSettings) -> None:
         self.id = settings.id
+        self.longest_ms = float(settings.timeout_ms)  # the longest a call may take before it fails
 
     @abstractmethod
     async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
@@ -114,6 +116,7 @@ class EchoProvider(Provider):
     def __init__(self, settings: ProviderSettings) -> None:
         super().__init__(settings)
         self.delay_s = settings.delay_ms / 1000
+        self.longest_ms = float(settings.delay_ms)
 
     async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
         if self.delay_s:
@@ -211,6 +214,11 @@ class Failover:
         if not providers:
             raise ValueError("Failover needs at least one provider")
         self.providers = list(providers)
+
+    @property
+    def longest_ms(self) -> float:
+        """The longest a turn's model calls can take: every provider tried, each to its limit."""
+        return sum(provider.longest_ms for provider in self.providers)
 
     def order(self, first: str | None) -> list[Provider]:
         """The providers to try: ``first`` (a provider id) ahead of the rest; an unknown id changes nothing."""

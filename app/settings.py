@@ -8,6 +8,7 @@ library's sections, because loading is inherited.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -69,6 +70,28 @@ class ServerSettings(SettingsSection):
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576)
     log_format: Literal["text", "json"] = "text"
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser (default: same origin only)"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or networks whose X-Forwarded-For names the client"
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _comma_separated(cls, proxies: object) -> object:
+        """Also ``"10.0.0.1, 10.1.0.0/16"``: the form proxy settings usually take in an environment."""
+        return [part.strip() for part in proxies.split(",") if part.strip()] if isinstance(proxies, str) else proxies
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses_or_networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or network (CIDR)") from None
+        return proxies
 
 
 class HistorySettings(SettingsSection):

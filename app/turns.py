@@ -22,7 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sessiongate import IdempotencyKeyReused, LaneGrant, LockedTranscript, SessionBusy, TranscriptStore, new_record_id, utc_now
+from sessiongate import (
+    IdempotencyKeyReused,
+    LaneGrant,
+    LockedTranscript,
+    SessionBusy,
+    TranscriptStore,
+    new_record_id,
+    utc_now,
+)
 
 from .providers import ChatMessage, Failover, Usage
 

@@ -23,7 +23,9 @@ from ._errors import (
     RetryableError,
     SessionBusy,
     SessionGateError,
+    StorageFailed,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from ._gate import (
     DEFAULT_MAX_BODY_BYTES,
@@ -40,12 +42,20 @@ from ._gate import (
 )
 from ._idempotency import MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH
 from ._idempotency import idempotency_key
-from ._ids import SESSION_ID_PATTERN, file_stem, is_valid_session_id, session_id_from_stem, validate_session_id
+from ._ids import (
+    SESSION_ID_PATTERN,
+    existing_file,
+    file_stem,
+    is_valid_session_id,
+    session_id_from_stem,
+    validate_session_id,
+)
 from ._lanes import LaneGrant
 from ._problem import (
     EXPOSED_HEADERS,
     PROBLEM_CONTENT_TYPE,
     PROBLEM_TYPE_BASE,
+    REQUEST_ID,
     ErrorFormat,
     error_format_of,
     problem_response,
@@ -69,6 +79,7 @@ __all__ = [
     "MAX_IDEMPOTENCY_KEY_LENGTH",
     "PROBLEM_CONTENT_TYPE",
     "PROBLEM_TYPE_BASE",
+    "REQUEST_ID",
     "SESSION_ID_PATTERN",
     "Admission",
     "Backend",
@@ -101,11 +112,14 @@ __all__ = [
     "SessionKey",
     "Settings",
     "SettingsSection",
+    "StorageFailed",
     "TranscriptStore",
     "Unauthorized",
+    "UnsupportedMediaType",
     "__version__",
     "admission_of",
     "client_address",
+    "existing_file",
     "file_stem",
     "idempotency_key",
     "error_format_of",

@@ -184,6 +184,11 @@ class Settings(SettingsSection):
     def sessions_dir(self) -> Path:
         return self.data_dir / "sessions"
 
+    @property
+    def file_storage_root(self) -> Path:
+        """Where the file backend keeps ``locks/`` and ``records/``: ``file:///path``, else the data dir."""
+        return Path(self.backend.url.split("://", 1)[1] or self.data_dir)
+
     @classmethod
     def load(
         cls,

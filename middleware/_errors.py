@@ -20,6 +20,8 @@ class SessionGateError(Exception):
     problem_type: ClassVar[str] = "internal-error"
     default_status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
+    # A 5xx detail may name server paths or hosts: only errors that say so show it to clients.
+    detail_is_public: ClassVar[bool] = False
 
     def __init__(self, detail: str, *, session_id: str | None = None) -> None:
         super().__init__(detail)
@@ -148,6 +150,14 @@ class BackendUnavailable(RetryableError):
         super().__init__(detail, retry_after_ms=retry_after_ms)
 
 
+class StorageFailed(SessionGateError):
+    """The transcript could not be written (disk full, file-size limit); nothing of the turn was kept."""
+
+    problem_type = "storage-failed"
+    default_status = 507
+    title = "Storage failed"
+
+
 class InvalidRequest(SessionGateError):
     """Malformed JSON, missing or wrong fields."""
 
@@ -170,6 +180,14 @@ class InvalidSessionId(InvalidRequest):
         self.session_id = None  # never echo an invalid id back as if it were one
 
 
+class UnsupportedMediaType(SessionGateError):
+    """A JSON route called with another ``Content-Type`` (e.g. a browser's ``text/plain`` "simple" request)."""
+
+    problem_type = "unsupported-media-type"
+    default_status = 415
+    title = "Unsupported media type"
+
+
 class PayloadTooLarge(SessionGateError):
     """The request body is over the configured limit."""
 
@@ -188,6 +206,18 @@ class Unauthorized(SessionGateError):
     problem_type = "unauthorized"
     default_status = 401
     title = "Unauthorized"
+
+
+class ClientGone(Exception):
+    """The client of a request waiting for its session's lane went away; nobody is left to answer.
+
+    Not a :class:`SessionGateError`: there is no answer to render. The wait
+    ends at once, giving up the request's queue place.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"the client waiting for session {session_id!r} went away")
+        self.session_id = session_id
 
 
 class ConfigError(SessionGateError, ValueError):

@@ -350,8 +350,8 @@ class FileStorage(LeaseStorage):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileStorage:
-        root = settings.backend.url.split("://", 1)[1] or settings.data_dir
-        return cls(Path(root) / "locks", Path(root) / "records")
+        root = settings.file_storage_root
+        return cls(root / "locks", root / "records")
 
     # -- paths -----------------------------------------------------------------------------
 

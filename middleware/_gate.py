@@ -7,7 +7,8 @@ order: body validation (a hook), rate limits, then the ``Idempotency-Key``,
 then the session's lane. A request that cannot run now gets a problem+json
 answer with ``Retry-After`` at once; an admitted one holds the lane until its
 response is complete, the client goes away, or the endpoint raises, whichever
-comes first.
+comes first. A request whose client goes away while it waits for the lane
+gives up its place and never runs.
 
 The gate reads what it needs once (session id, Idempotency-Key, the body when
 a parser or the key asks for it) and hands it on in the scope as an
@@ -29,12 +30,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._backend import Backend, open_backend
 from ._config import Settings
-from ._errors import PayloadTooLarge, SessionGateError
+from ._errors import ClientGone, PayloadTooLarge, SessionGateError
 from ._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
 from ._ids import validate_session_id
 from ._metrics import CONTENTION_ANSWERS
 from ._problem import error_format_of, problem_status, send_problem
 from ._ratelimit import RateLimits
+from ._waiting import Departure
 
 if TYPE_CHECKING:
     from ._lanes import LaneGrant
@@ -176,6 +178,9 @@ class SessionGate:
             await responder.abandon_claim()
             await self._refuse(scope, send, error)
             return
+        except ClientGone:  # left while waiting for the lane: its place is given up, its turn never runs
+            await responder.abandon_claim()
+            return
         except BaseException:
             await responder.abandon_claim()
             raise
@@ -210,7 +215,14 @@ class SessionGate:
                 await _replay(responder.send, outcome)
                 return _Verdict.ANSWERED
             responder.claim = outcome
-        grant = responder.grant = await self.backend.lanes.acquire(session_id)
+        departure = Departure(responder.receive)
+        try:
+            grant = responder.grant = await self.backend.lanes.acquire(session_id, departure=departure)
+        finally:
+            responder.receive = await departure.stop()
+        if departure.gone:  # left just as the lane came free: nobody would read the turn
+            await responder.release_lane()
+            raise ClientGone(session_id)
         scope.setdefault("state", {})[_ADMISSION] = Admission(session_id, key, parsed_body(scope), grant)
         return _Verdict.ADMITTED
 
@@ -305,7 +317,7 @@ class _Responder:
     async def _receive(self) -> Message:
         message = await self.receive()
         if message["type"] == "http.disconnect":
-            await self._release_lane()
+            await self.release_lane()
         return message
 
     async def _send(self, message: Message) -> None:
@@ -328,7 +340,7 @@ class _Responder:
             return
         self._finished = True
         if self.claim is None:  # the common case: no Idempotency-Key
-            await self._release_lane()
+            await self.release_lane()
             return
         try:
             if complete:
@@ -336,7 +348,7 @@ class _Responder:
             else:
                 await self.abandon_claim()
         finally:
-            await self._release_lane()
+            await self.release_lane()
 
     async def _complete_claim(self) -> None:
         claim, self.claim = self.claim, None
@@ -348,7 +360,7 @@ class _Responder:
         if claim is not None:
             await claim.abandon()
 
-    async def _release_lane(self) -> None:
+    async def release_lane(self) -> None:
         grant, self.grant = self.grant, None
         if grant is not None:
             await grant.release()

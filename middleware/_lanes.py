@@ -14,25 +14,34 @@ turn durations (per session, falling back to all sessions).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 
 from ._config import Settings
-from ._errors import QueueFull, SessionBusy
+from ._errors import ClientGone, QueueFull, SessionBusy
 from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TURN_SECONDS, count_takeover
 from ._storage import Holder, LeaseKind, LeaseStorage, StoredLease, Ticket
-from ._waiting import Backoff, Heartbeats, Wakeups, moving_average
+from ._waiting import Backoff, Departure, Heartbeats, Wakeups, moving_average
 
 
 class TurnDurations:
-    """Exponentially weighted moving averages of turn durations, per session and overall."""
+    """Exponentially weighted moving averages of turn durations, per session and overall.
+
+    Before any turn has finished there is nothing to average: a turn that has
+    run ``elapsed`` ms is then expected to run about as long again (at least
+    :data:`DEFAULT_MS` more), but never past ``longest_ms`` (the embedding app
+    knows it: e.g. its model call's timeout), so a slow first turn does not
+    make its waiters poll every few hundred milliseconds.
+    """
 
     DEFAULT_MS = 1000.0
     MAX_SESSIONS = 10_000  # least recently finished sessions are forgotten first
 
-    def __init__(self) -> None:
+    def __init__(self, longest_ms: float | None = None) -> None:
         self._per_session: OrderedDict[str, float] = OrderedDict()
         self._overall: float | None = None
+        self.longest_ms = longest_ms
 
     def observe(self, session_id: str, duration_ms: float) -> None:
         self._per_session[session_id] = moving_average(self._per_session.pop(session_id, None), duration_ms)
@@ -40,9 +49,13 @@ class TurnDurations:
             self._per_session.popitem(last=False)
         self._overall = moving_average(self._overall, duration_ms)
 
-    def expected_ms(self, session_id: str) -> float:
+    def expected_ms(self, session_id: str, elapsed_ms: float = 0.0) -> float:
+        """The whole expected duration of the session's turn that has run ``elapsed_ms`` so far."""
         expected = self._per_session.get(session_id, self._overall)
-        return self.DEFAULT_MS if expected is None else expected
+        if expected is not None:
+            return expected
+        guess = elapsed_ms + max(elapsed_ms, self.DEFAULT_MS)
+        return guess if self.longest_ms is None else max(1.0, min(guess, self.longest_ms))
 
 
 class LaneGrant:
@@ -100,17 +113,24 @@ class Lanes:
         self.durations = TurnDurations()
         self.heartbeats = heartbeats or Heartbeats.for_stale_ms(self.stale_ms)  # one timer renews every lane held here
 
-    async def acquire(self, session_id: str, *, max_wait_ms: int | None = None) -> LaneGrant:
-        """The session's lane; raises SessionBusy (or QueueFull in queue mode) when not had in time."""
+    async def acquire(
+        self, session_id: str, *, max_wait_ms: int | None = None, departure: Departure | None = None
+    ) -> LaneGrant:
+        """The session's lane; raises SessionBusy (or QueueFull in queue mode) when not had in time.
+
+        With ``departure`` (the waiting request's client), a wait ends with
+        :class:`ClientGone` as soon as the client leaves: its queue place is
+        given up at once and its turn never runs.
+        """
         asked_at = time.monotonic()
         if self._settings.mode == "queue":
             wait_ms = self._settings.queue_wait_ms if max_wait_ms is None else max_wait_ms
-            return await self._acquire_queued(session_id, asked_at, asked_at + wait_ms / 1000)
+            return await self._acquire_queued(session_id, asked_at, asked_at + wait_ms / 1000, departure)
         grant, holder = await self._try(session_id, asked_at)  # the common case: free at once
         if grant is not None:
             return grant
         wait_ms = self._settings.max_wait_ms if max_wait_ms is None else max_wait_ms
-        return await self._acquire_direct(session_id, asked_at, asked_at + wait_ms / 1000, holder)
+        return await self._acquire_direct(session_id, asked_at, asked_at + wait_ms / 1000, holder, departure)
 
     async def _try(self, session_id: str, asked_at: float) -> tuple[LaneGrant | None, Holder | None]:
         """The lane, or ``None`` and who holds it (when the storage saw that while refusing)."""
@@ -124,28 +144,41 @@ class Lanes:
         grant = self._held[session_id] = LaneGrant(self, session_id, lease)
         return grant, None
 
-    async def _wait(self, session_id: str, deadline: float, backoff: Backoff) -> bool:
-        """Sleep until a local release or the next poll; ``False`` once the deadline has passed."""
+    async def _wait(
+        self, session_id: str, deadline: float, backoff: Backoff, departure: Departure | None
+    ) -> bool:
+        """Sleep until a local release or the next poll; ``False`` once the deadline has passed.
+
+        Raises :class:`ClientGone` when ``departure`` says the client left (before or during the sleep).
+        """
+        if departure is not None:
+            departure.watch(functools.partial(self._wakeups.notify, session_id))  # from the first wait on
+            if departure.gone:
+                raise ClientGone(session_id)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
         if session_id not in self._held:  # the holder is elsewhere: poll
             remaining = min(remaining, backoff.next_delay())
         await self._wakeups.wait(session_id, remaining)
+        if departure is not None and departure.gone:
+            raise ClientGone(session_id)
         return True
 
     async def _acquire_direct(
-        self, session_id: str, asked_at: float, deadline: float, holder: Holder | None
+        self, session_id: str, asked_at: float, deadline: float, holder: Holder | None, departure: Departure | None
     ) -> LaneGrant:
         """Wait and retry after a first try found the lane taken (by ``holder``, if the storage said)."""
         backoff = Backoff()
-        while await self._wait(session_id, deadline, backoff):
+        while await self._wait(session_id, deadline, backoff, departure):
             grant, holder = await self._try(session_id, asked_at)
             if grant is not None:
                 return grant
         raise await self._busy(session_id, holder=holder)
 
-    async def _acquire_queued(self, session_id: str, asked_at: float, deadline: float) -> LaneGrant:
+    async def _acquire_queued(
+        self, session_id: str, asked_at: float, deadline: float, departure: Departure | None
+    ) -> LaneGrant:
         cap = self._settings.queue_cap
         ticket = await self._storage.enqueue(session_id, cap=cap, stale_ms=self.stale_ms)
         if ticket is None:
@@ -154,13 +187,15 @@ class Lanes:
             )
         QUEUE_DEPTH.inc()
         try:
-            return await self._wait_in_queue(ticket, asked_at, deadline)
+            return await self._wait_in_queue(ticket, asked_at, deadline, departure)
         finally:
             QUEUE_DEPTH.dec()
             await self._storage.leave_queue(ticket)
             self._wakeups.notify(session_id)  # the next local waiter may now be at the head
 
-    async def _wait_in_queue(self, ticket: Ticket, asked_at: float, deadline: float) -> LaneGrant:
+    async def _wait_in_queue(
+        self, ticket: Ticket, asked_at: float, deadline: float, departure: Departure | None
+    ) -> LaneGrant:
         session_id = ticket.session_id
         backoff = Backoff()
         renew_every = self.heartbeats.interval
@@ -174,7 +209,7 @@ class Lanes:
             if time.monotonic() >= renew_at:
                 await self._storage.renew_ticket(ticket)
                 renew_at = time.monotonic() + renew_every
-            if not await self._wait(session_id, deadline, backoff):
+            if not await self._wait(session_id, deadline, backoff, departure):
                 raise await self._busy(session_id, position)
 
     async def _busy(self, session_id: str, queue_position: int = 0, *, holder: Holder | None = None) -> SessionBusy:
@@ -203,10 +238,10 @@ class Lanes:
         message ahead in the queue. A turn running over its expectation is
         given a tenth of it, not zero, so clients do not hammer.
         """
-        expected = self.durations.expected_ms(session_id)
         if elapsed_ms is None:
             grant = self._held.get(session_id)
             elapsed_ms = 0.0 if grant is None else (time.monotonic() - grant.started_at) * 1000
+        expected = self.durations.expected_ms(session_id, elapsed_ms)
         remaining = max(expected - elapsed_ms, expected / 10, 1.0)
         return max(1, round(remaining + queue_position * expected))
 

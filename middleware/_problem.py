@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps uses for strings
 from typing import Any
@@ -36,6 +38,8 @@ from starlette.types import Scope, Send
 from ._config import Settings
 from ._errors import QueueFull, RateLimited, RetryableError, SessionBusy, SessionGateError
 
+# The id the log knows the current request by (set by the embedding app, e.g. the gateway's request log).
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 # A tag URI (RFC 4151), as RFC 9457 section 3.1.1 suggests for types that are not meant to be dereferenced.
 PROBLEM_TYPE_BASE = "tag:sessiongate,2026:problems/"
@@ -45,6 +49,7 @@ EXPOSED_HEADERS = (
 )
 ERROR_FORMAT_STATE_KEY = "sessiongate.error_format"
 _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per answer as json.dumps(separators=...)
+log = logging.getLogger("sessiongate.problem")
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,25 @@ def problem_status(error: SessionGateError, settings: Settings) -> int:
 def problem_body(error: SessionGateError, status: int) -> dict[str, Any]:
     """The RFC 9457 members of ``error``, plus the extension members of its type."""
     return {"type": PROBLEM_TYPE_BASE + error.problem_type, "title": error.title, "status": status,
-            **_variable_members(error)}
+            **_variable_members(error, status)}
 
 
-def _variable_members(error: SessionGateError) -> dict[str, Any]:
+def public_detail(error: SessionGateError, status: int) -> str:
+    """``detail`` as the client may see it: a server fault's own detail (paths, hosts) goes to the log only.
+
+    The client gets the request id instead, which finds the logged detail.
+    """
+    if status < 500 or error.detail_is_public:
+        return error.detail
+    request_id = REQUEST_ID.get()
+    log.error("%s answered to the client: %s", error.problem_type, error.detail)
+    reference = f"request id {request_id}" if request_id else "the time of the request"
+    return f"{error.title}; the details are in the server log under {reference}"
+
+
+def _variable_members(error: SessionGateError, status: int) -> dict[str, Any]:
     """The members that change from answer to answer (all but type, title and status)."""
-    members: dict[str, Any] = {"detail": error.detail}
+    members: dict[str, Any] = {"detail": public_detail(error, status)}
     if error.session_id is not None:
         members["sessionId"] = error.session_id
     if isinstance(error, RetryableError):
@@ -103,7 +121,7 @@ def _json_member(name: str, value: Any) -> str:
 
 def problem_json(error: SessionGateError, status: int) -> bytes:
     """:func:`problem_body` as compact JSON: the constant head is cached, only the rest is encoded."""
-    members = "".join([_json_member(name, value) for name, value in _variable_members(error).items()])
+    members = "".join([_json_member(name, value) for name, value in _variable_members(error, status).items()])
     return f"{_body_head(error.problem_type, error.title, status)}{members}}}".encode()
 
 

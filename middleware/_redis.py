@@ -14,8 +14,9 @@ nothing lock-like is shared between tasks (redis-py's own asyncio ``Lock``
 keeps its token per thread, which is unsafe across tasks of one loop).
 
 An unreachable Redis is reported as :class:`BackendUnavailable` (503 with
-Retry-After), quickly: connections use short connect and read timeouts and
-one immediate reconnect attempt, so an outage is seen in well under a second.
+Retry-After): a refused or cut connection at once (one immediate reconnect
+attempt), a hung Redis after the connect or read timeout (5 s). A burst of
+requests is load, not an outage: commands wait for a free pooled connection.
 """
 
 from __future__ import annotations
@@ -51,13 +52,16 @@ from ._storage import (
 logger = logging.getLogger("sessiongate.redis")
 
 #: Connection options of every Redis client sessiongate opens (this storage and the
-#: ``limits`` rate-limit storage): short timeouts and one immediate reconnect, so a
-#: pooled connection cut by a Redis restart is replaced at once and a Redis that is
-#: really down fails fast instead of backing off for seconds. Options in
-#: ``backend.url``'s query string (``?socket_timeout=2``) override them.
+#: ``limits`` rate-limit storage): one immediate reconnect, so a pooled connection cut
+#: by a Redis restart is replaced at once and a Redis that is down (connection
+#: refused) fails at once instead of backing off for seconds. The timeouts only
+#: catch a Redis that hangs; they are measured on this process's event loop, so
+#: they are long enough that a burst of this process's own requests, which delays
+#: the loop, never reads as a Redis outage. Options in ``backend.url``'s query
+#: string (``?socket_timeout=2``) override them.
 CONNECTION_OPTIONS: dict[str, Any] = {
-    "socket_connect_timeout": 0.25,
-    "socket_timeout": 0.5,
+    "socket_connect_timeout": 5.0,
+    "socket_timeout": 5.0,
     "health_check_interval": 5,
     "retry": Retry(NoBackoff(), retries=1, supported_errors=(redis_errors.ConnectionError,)),
 }

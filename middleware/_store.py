@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -28,10 +29,10 @@ import anyio.to_thread
 
 from ._backend import Backend
 from ._config import Settings
-from ._errors import FencedOut, SessionBusy, SessionGateError
-from ._ids import file_stem, session_id_from_stem
+from ._errors import FencedOut, SessionBusy, SessionGateError, StorageFailed
+from ._ids import HASHED_MARK, existing_file, session_id_from_stem
 from ._metrics import FENCING_REFUSALS
-from ._transcript_index import Synced, TranscriptIndex, parse_lines
+from ._transcript_index import Records, TranscriptIndex, parse_lines
 from ._write_lock import WriteLockHold
 from .transcripts.base import Durability, LockedTranscript, Page, TranscriptStore, completed, encode
 
@@ -41,6 +42,7 @@ logger = logging.getLogger("sessiongate.store")
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _SUFFIX = ".jsonl"
+_ID_SUFFIX = ".id"  # beside a transcript whose name is hashed (a long id): the id, for the operator CLI
 _TAIL_CHUNK = 65_536
 T = TypeVar("T")
 
@@ -49,6 +51,9 @@ T = TypeVar("T")
 #: updates), apart from anyio's shared default limiter: a burst of turns queues
 #: here for a thread and never starves other users of ``to_thread`` (or fails).
 FILE_THREADS = 16
+
+
+UNHEALTHY_AFTER_FAILURE_S = 30.0  # /readyz reports a failed append this long, unless one succeeds sooner
 
 
 class FileTranscriptStore(TranscriptStore):
@@ -66,10 +71,16 @@ class FileTranscriptStore(TranscriptStore):
         self.sessions_dir = settings.sessions_dir.resolve()
         self.location = str(self.sessions_dir)
         self._threads = anyio.CapacityLimiter(FILE_THREADS)
+        self._failed_at: float | None = None  # monotonic time of the last failed append, until one succeeds
+
+    def check_writable(self) -> None:
+        """Raise :class:`StorageFailed` while appends fail (the last one failed, recently; for readiness probes)."""
+        if self._failed_at is not None and time.monotonic() - self._failed_at < UNHEALTHY_AFTER_FAILURE_S:
+            raise StorageFailed("the last transcript append failed; see the log")
 
     def path_for(self, session_id: str) -> Path:
         """The transcript path of a session; raises InvalidSessionId for a bad id."""
-        path = self.sessions_dir / f"{file_stem(session_id)}{_SUFFIX}"
+        path = existing_file(self.sessions_dir, session_id, _SUFFIX)
         if Path(os.path.realpath(path)).parent != self.sessions_dir:
             raise SessionGateError(f"transcript of {session_id!r} resolves outside {self.sessions_dir}")
         return path
@@ -124,13 +135,23 @@ class FileTranscriptStore(TranscriptStore):
         async with self.locked(session_id) as transcript:
             if await transcript.find("id", str(records[0]["id"])) is not None:
                 return False
-            await self.off_loop(_append, transcript.path, payload, self.fsync)
+            await transcript._write(payload, None)
         return True
 
     async def session_ids(self) -> list[str]:
-        """Every session that has a transcript, sorted."""
-        names = await self.off_loop(os.listdir, self.sessions_dir)
-        return sorted(session_id_from_stem(name[: -len(_SUFFIX)]) for name in names if name.endswith(_SUFFIX))
+        """Every session that has a transcript, sorted (a hashed name's id is read from beside it)."""
+        return await self.off_loop(self._session_ids)
+
+    def _session_ids(self) -> list[str]:
+        found = []
+        for name in os.listdir(self.sessions_dir):
+            if name.endswith(_SUFFIX):
+                stem = name[: -len(_SUFFIX)]
+                session_id = session_id_from_stem(stem)
+                if session_id is None:
+                    session_id = (self.sessions_dir / f"{stem}{_ID_SUFFIX}").read_text(encoding="utf-8")
+                found.append(session_id)
+        return sorted(found)
 
     async def durability(self) -> Durability:
         if self.fsync:
@@ -189,7 +210,16 @@ class FileLockedTranscript(LockedTranscript):
             if fence < current:
                 FENCING_REFUSALS.inc()
                 raise FencedOut(self.session_id, fence=fence, current_fence=current)
-        await store.off_loop(_append, self.path, payload, store.fsync)
+        try:
+            await store.off_loop(_append, self.path, self.session_id, payload, store.fsync)
+        except OSError as exc:
+            store._failed_at = time.monotonic()
+            logger.error("append to %s failed: %s", self.path, exc)
+            raise StorageFailed(
+                f"the transcript of session {self.session_id!r} could not be written ({exc.strerror or exc})",
+                session_id=self.session_id,
+            ) from exc
+        store._failed_at = None
 
 
 def _prepared(records: list[dict[str, Any]], fence: int | None) -> tuple[list[dict[str, Any]], bytes]:
@@ -216,20 +246,33 @@ def _fsync(fd: int, new_in_dir: Path | None) -> None:
             os.close(dir_fd)
 
 
-def _append(path: Path, payload: bytes, fsync: bool) -> None:
-    """One ``O_APPEND`` write of whole lines after setting a torn tail aside; then fsync and the index."""
+def _append(path: Path, session_id: str, payload: bytes, fsync: bool) -> None:
+    """One ``O_APPEND`` write of whole lines after setting a torn tail aside; then fsync and the index.
+
+    An append that fails part-way (disk full, file-size limit) is cut off again,
+    so the transcript is exactly as before it, and the ``OSError`` is raised.
+    """
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _OPEN_FLAGS, 0o600)
     try:
-        created = _repair_torn_tail(fd, path) == 0
-        _write_all(fd, payload)
-        if fsync:
-            _fsync(fd, path.parent if created else None)
-        TranscriptIndex(path).use(fd, _nothing)  # indexes the new lines (a crash here: the next use does)
+        before = _repair_torn_tail(fd, path)  # the length to go back to if the append fails part-way
+        try:
+            if before == 0 and HASHED_MARK in path.name:
+                _keep_id_beside(path, session_id)
+            _write_all(fd, payload)
+            if fsync:
+                _fsync(fd, path.parent if before == 0 else None)
+        except OSError:
+            _truncate_back(fd, path, before)
+            raise
+        try:
+            TranscriptIndex(path).use(fd, _nothing)  # indexes the new lines
+        except (OSError, sqlite3.Error):  # the append itself is durable; the next read rebuilds the index
+            logger.warning("indexing %s after an append failed", path, exc_info=True)
     finally:
         os.close(fd)
 
 
-def _nothing(index: Synced) -> None:
+def _nothing(index: Records) -> None:
     return None
 
 
@@ -259,7 +302,7 @@ def _read_all(path: Path, repair: bool) -> list[dict[str, Any]]:
 
 
 def _tail(path: Path, limit: int, through: str | None) -> list[dict[str, Any]]:
-    def query(index: Synced) -> list[dict[str, Any]]:
+    def query(index: Records) -> list[dict[str, Any]]:
         last = index.count if through is None else index.seq_of("id", through)
         if last is None:
             raise ValueError(f"record {through!r} is not in the transcript {path}")
@@ -274,7 +317,7 @@ def _tail(path: Path, limit: int, through: str | None) -> list[dict[str, Any]]:
 
 
 def _page(path: Path, limit: int, before: str | None) -> Page | None:
-    def query(index: Synced) -> Page | None:
+    def query(index: Records) -> Page | None:
         if before is None:
             last = index.count
         elif (seq := index.seq_of("id", before)) is not None:
@@ -319,6 +362,25 @@ def _last_line_end(fd: int, size: int) -> int:
             return start + newline + 1
         end = start
     return 0
+
+
+def _keep_id_beside(path: Path, session_id: str) -> None:
+    """Write ``<stem>.id`` for a transcript whose name cannot be turned back into its session id."""
+    id_path = path.with_name(path.name[: -len(_SUFFIX)] + _ID_SUFFIX)
+    fd = os.open(id_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_FLAGS, 0o600)
+    try:
+        _write_all(fd, session_id.encode())
+    finally:
+        os.close(fd)
+
+
+def _truncate_back(fd: int, path: Path, length: int) -> None:
+    """Cut a failed append off, so the transcript is exactly as before it; logged if even that fails."""
+    try:
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    except OSError as exc:  # the next locked read sets the torn tail aside
+        logger.error("could not truncate %s back to %d bytes after a failed append: %s", path, length, exc)
 
 
 def _set_aside_torn_tail(fd: int, path: Path, size: int) -> None:

@@ -26,6 +26,10 @@ of lines), so an index that is wrong in any other way raises
 :class:`IndexMismatch` and is rebuilt too. Only complete lines are ever
 indexed, so the index never points into a torn tail.
 
+A transcript under :data:`INDEX_FROM_BYTES` gets no index: most sessions stay
+that short, and one read of the whole file is cheaper than creating and
+keeping an index for it (:class:`SmallTranscript` answers the same queries).
+
 Everything here is blocking file work: callers run it in a worker thread.
 """
 
@@ -37,6 +41,7 @@ import os
 import sqlite3
 import threading
 import zlib
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +52,8 @@ from typing import Any, TypeVar
 from .transcripts.base import indexed_values
 
 __all__ = [
-    "IndexMismatch", "Synced", "TranscriptIndex", "Window", "index_path", "parse_lines",
+    "INDEX_FROM_BYTES", "IndexMismatch", "Records", "SmallTranscript", "Synced", "TranscriptIndex",
+    "Window", "index_path", "parse_lines",
 ]
 
 logger = logging.getLogger("sessiongate.store")
@@ -56,6 +62,8 @@ logger = logging.getLogger("sessiongate.store")
 #: (crash recovery), the user message a reply answers, and a channel's message id (dedupe).
 _SCHEMA_VERSION = 1
 T = TypeVar("T")
+#: Below this size a transcript gets no index (reading it whole is cheaper than keeping one).
+INDEX_FROM_BYTES = 65_536
 _CATCH_UP_CHUNK = 8 * 1_048_576  # bytes parsed per step of a rebuild: bounded memory
 _BUSY_TIMEOUT_S = 30.0  # another process holds the index's write transaction (e.g. rebuilding)
 
@@ -105,8 +113,14 @@ class TranscriptIndex:
         self.transcript = transcript
         self.path = index_path(transcript)
 
-    def use(self, fd: int, query: Callable[[Synced], T]) -> T:
-        """``query`` on the index brought up to the complete lines of ``fd``; rebuilt once if it cannot be used."""
+    def use(self, fd: int, query: Callable[[Records], T]) -> T:
+        """``query`` on the index brought up to the complete lines of ``fd``; rebuilt once if it cannot be used.
+
+        A transcript under :data:`INDEX_FROM_BYTES` that has no index yet is
+        answered from its bytes (:class:`SmallTranscript`).
+        """
+        if os.fstat(fd).st_size < INDEX_FROM_BYTES and not os.path.exists(self.path):
+            return query(SmallTranscript(fd))
         for attempt in range(2):
             try:
                 with _CONNECTIONS.connection(self.path) as db:
@@ -232,26 +246,18 @@ _CONNECTIONS = _Connections()
 os.register_at_fork(after_in_child=_CONNECTIONS.forget)
 
 
-class Synced:
-    """Queries on an up-to-date index; every answer is checked against the transcript's bytes."""
+class Records(ABC):
+    """The queries a transcript answers by record number and key, whichever way they are answered."""
 
-    def __init__(self, db: sqlite3.Connection, fd: int, state: _State) -> None:
-        self._db = db
-        self._fd = fd
-        self._state = state
+    count: int  # complete, non-blank lines
 
-    @property
-    def count(self) -> int:
-        return self._state.count
-
-    @property
-    def size(self) -> int:
-        """Bytes of complete, indexed lines."""
-        return self._state.size
-
+    @abstractmethod
     def seq_of(self, field: str, value: str) -> int | None:
-        row = self._db.execute("SELECT seq FROM keys WHERE field=? AND value=?", (field, value)).fetchone()
-        return None if row is None else int(row[0])
+        """The number of the first record whose ``field`` is ``value``."""
+
+    @abstractmethod
+    def window(self, first: int, last: int) -> Window:
+        """Records ``first`` to ``last`` (1-based, inclusive, clipped to what exists), in order."""
 
     def find(self, field: str, value: str) -> dict[str, Any] | None:
         """The first record whose ``field`` is ``value``."""
@@ -263,8 +269,47 @@ class Synced:
             raise IndexMismatch(f"record {seq} does not hold {field}={value!r}")
         return found[0]
 
+
+class SmallTranscript(Records):
+    """A transcript under :data:`INDEX_FROM_BYTES`, answered from its bytes: no index file to create or keep.
+
+    Most sessions stay short; for them one ``pread`` of the whole file is
+    cheaper than an index. Only the records returned are parsed: a key is
+    looked for as a substring first.
+    """
+
+    def __init__(self, fd: int) -> None:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        self._lines = [line for line in data[: data.rfind(b"\n") + 1].split(b"\n") if line.strip()]
+        self._fd = fd
+        self.count = len(self._lines)
+
+    def seq_of(self, field: str, value: str) -> int | None:
+        needle = json.dumps(value, ensure_ascii=False)[1:-1].encode()  # as the store encodes it
+        for seq, line in enumerate(self._lines, start=1):
+            if (needle in line or not needle.isascii()) and _holds(line, field, value):
+                return seq
+        return None
+
     def window(self, first: int, last: int) -> Window:
-        """Records ``first`` to ``last`` (1-based, inclusive, clipped to what exists), in order."""
+        first, last = max(1, first), min(last, self.count)
+        return Window(first, parse_lines(self._lines[first - 1 : last], self._fd) if first <= last else [])
+
+
+class Synced(Records):
+    """Queries on an up-to-date index; every answer is checked against the transcript's bytes."""
+
+    def __init__(self, db: sqlite3.Connection, fd: int, state: _State) -> None:
+        self._db = db
+        self._fd = fd
+        self._state = state
+        self.count = state.count
+
+    def seq_of(self, field: str, value: str) -> int | None:
+        row = self._db.execute("SELECT seq FROM keys WHERE field=? AND value=?", (field, value)).fetchone()
+        return None if row is None else int(row[0])
+
+    def window(self, first: int, last: int) -> Window:
         first, last = max(1, first), min(last, self._state.count)
         if first > last:
             return Window(first, [])
@@ -330,14 +375,24 @@ def _index_lines(db: sqlite3.Connection, fd: int, state: _State, size: int, mtim
     return _State(position, mtime_ns, count, anchor_offset, anchor_crc)
 
 
-def _keys_of(line: bytes) -> list[tuple[str, str]]:
+def _record_of(line: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except ValueError:
-        return []
-    if not isinstance(record, dict):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _keys_of(line: bytes) -> list[tuple[str, str]]:
+    record = _record_of(line)
+    if record is None:
         return []
     return indexed_values(record)
+
+
+def _holds(line: bytes, field: str, value: str) -> bool:
+    record = _record_of(line)
+    return record is not None and record.get(field) is not None and str(record[field]) == value
 
 
 def parse_lines(lines: list[bytes], origin: object) -> list[dict[str, Any]]:

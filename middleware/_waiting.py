@@ -11,8 +11,11 @@ beating and its leases go stale, as the contract wants.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+
+from starlette.types import Message, Receive
 
 logger = logging.getLogger("sessiongate.locks")
 
@@ -74,6 +77,51 @@ class Wakeups:
         waiting = self._by_key.pop(key, None)
         if waiting is not None:
             waiting.event.set()
+
+
+class Departure:
+    """Notices, while a request waits for its lane, that its client went away (``http.disconnect``).
+
+    A waiter whose client has gone must give up its place at once, or abandoned
+    requests hold the queue and later run turns nobody reads. Watching starts
+    with the first wait (:meth:`watch`), so a request admitted at once costs no
+    task. Messages read while watching (the body, if the app had not read it)
+    are kept for the app: use :meth:`stop`'s ``receive`` afterwards.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._kept: list[Message] = []
+        self._task: asyncio.Task[None] | None = None
+        self.gone = False
+
+    def watch(self, on_gone: Callable[[], None]) -> None:
+        """Start watching (once); ``on_gone`` is called when the client leaves, to wake the waiter."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._watch(on_gone))
+
+    async def _watch(self, on_gone: Callable[[], None]) -> None:
+        while True:
+            message = await self._receive()
+            self._kept.append(message)
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                on_gone()
+                return
+
+    async def stop(self) -> Receive:
+        """Stop watching; the ``receive`` to use from now on (kept messages first)."""
+        if self._task is None:
+            return self._receive
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        kept, receive = self._kept, self._receive
+
+        async def receive_kept_first() -> Message:
+            return kept.pop(0) if kept else await receive()
+
+        return receive_kept_first
 
 
 async def _renewed(renew: Callable[[], Awaitable[bool]]) -> bool:

@@ -88,7 +88,8 @@ def test_two_mib_streamed_body_is_413_while_it_arrives(server: UvicornThread, cl
             yield b"x" * 65536
         yield b'"}'
 
-    response = client.post(messages_url(server.url, "big-stream"), content=chunks())  # chunked, no Content-Length
+    response = client.post(messages_url(server.url, "big-stream"), content=chunks(),  # chunked, no Content-Length
+                           headers={"Content-Type": "application/json"})
     assert_problem(response, 413, "payload-too-large")
 
 

@@ -67,13 +67,16 @@ def test_body_limit_and_router_errors_answer_in_openais_shape(tmp_path: Path) ->
     with serve_gateway(tmp_path / "data", config) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         too_large = client.post(CHAT, json=chat_body("x" * 500, user="big"))
         wrong_method = client.get(CHAT)
-        not_json = client.post(CHAT, content=b"{", headers={"X-Session-Id": "s"})
-        messages_route = client.post("/v1/sessions/s/messages", content=b"{")
+        json_type = {"Content-Type": "application/json"}
+        not_json = client.post(CHAT, content=b"{", headers={"X-Session-Id": "s", **json_type})
+        messages_route = client.post("/v1/sessions/s/messages", content=b"{", headers=json_type)
+        plain_text = client.post(CHAT, content=b"{}", headers={"X-Session-Id": "s", "Content-Type": "text/plain"})
     assert_openai_error(too_large, 413, "payload-too-large")
     assert_openai_error(wrong_method, 405, "method-not-allowed")
     assert "POST" in wrong_method.headers["allow"]
     assert_openai_error(not_json, 400, "invalid-request")
     assert not_json.headers["x-should-retry"] == "false"
+    assert_openai_error(plain_text, 415, "unsupported-media-type")  # a browser's simple request runs no turn
     assert messages_route.headers["content-type"] == "application/problem+json"  # the choice is per route
 
 

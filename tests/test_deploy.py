@@ -10,6 +10,7 @@ built.)
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -134,6 +135,17 @@ def test_compose_environment_is_valid_settings() -> None:
     assert str(settings.data_dir) == "/data"
 
 
+def test_compose_gateways_trust_exactly_the_nginx_in_front_of_them() -> None:
+    compose = yaml_file("compose.yaml")
+    nginx_address = compose["services"]["nginx"]["networks"]["default"]["ipv4_address"]
+    subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(nginx_address) in ipaddress.ip_network(subnet)
+    for name in ("gateway-a", "gateway-b"):
+        environment = compose["services"][name]["environment"]
+        env = {key: value for key, value in environment.items() if key != "SESSIONGATE_CONFIG"}
+        assert GatewaySettings.load(EXAMPLE_CONFIG, env=env).server.trusted_proxies == [nginx_address]
+
+
 # nginx
 
 
@@ -161,6 +173,9 @@ def test_nginx_balances_both_gateways_and_passes_contention_answers_through() ->
     next_upstream = next(line for line in directives if line.startswith("proxy_next_upstream "))
     assert "non_idempotent" not in next_upstream and "http_5" not in next_upstream  # never resend a turn
     assert "proxy_intercept_errors off;" in directives  # the gateways' problem+json answers stay intact
+    # the edge proxy replaces a client's own X-Forwarded-For (the gateways believe this one), keeps Host's port
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in directives
+    assert "proxy_set_header Host $http_host;" in directives
 
 
 def test_nginx_own_error_is_a_problem_with_retry_after() -> None:
@@ -238,6 +253,7 @@ def test_k8s_config_map_is_the_example_config_and_valid() -> None:
     settings = GatewaySettings.load(EXAMPLE_CONFIG, env={})
     assert settings.backend.url.startswith("redis://") and settings.transcript.url == settings.backend.url
     assert str(settings.data_dir) == "/data"
+    assert settings.server.trusted_proxies  # the ingress in front of the pods names the clients
 
 
 # systemd

@@ -169,7 +169,8 @@ def test_readyz_is_503_when_the_backend_is_unreachable(tmp_path: Path) -> None:
 
 def test_cors_exposes_the_contention_headers(tmp_path: Path) -> None:
     origin = {"Origin": "http://127.0.0.1:9"}
-    with serve_gateway(tmp_path / "data") as server, httpx.Client(timeout=10) as client:
+    config = {"server": {"corsOrigins": ["http://127.0.0.1:9"]}}
+    with serve_gateway(tmp_path / "data", config) as server, httpx.Client(timeout=10) as client:
         url = messages_url(server.url, "c")
         preflight = client.options(url, headers={**origin, "Access-Control-Request-Method": "POST",
                                                  "Access-Control-Request-Headers": "idempotency-key, content-type"})
@@ -197,7 +198,7 @@ def test_openapi_describes_every_route_and_real_answers_match(tmp_path: Path) ->
         answers = {
             ("post", "200"): client.post(url, json={"text": "hi"}),
             ("get", "200"): client.get(url),
-            ("post", "400"): client.post(url, content=b"{"),
+            ("post", "400"): client.post(url, content=b"{", headers={"Content-Type": "application/json"}),
         }
 
     assert document["openapi"].startswith("3.1")

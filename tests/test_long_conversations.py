@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sessiongate import FileTranscriptStore, TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, TranscriptStore, _transcript_index, open_backend
 from sessiongate._transcript_index import index_path
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import (
@@ -147,13 +147,42 @@ async def _answers(store: TranscriptStore, ids: list[str]) -> list[Any]:
     """Everything the index answers for: pages, key lookups, a turn's tail (locked, so also its repair)."""
     async with store.locked("s") as locked:
         tail = await locked.tail(7)
-        through = await locked.tail(5, through=ids[100])
+        through = await locked.tail(5, through=ids[len(ids) // 3])
         found = await locked.find("idempotencyKey", "key-40")
     newest = await store.page("s", limit=50)
-    middle = await store.page("s", limit=50, before=ids[2_000])
+    middle = await store.page("s", limit=50, before=ids[len(ids) // 2])
     first = await store.page("s", limit=50, before=ids[10])
     return [tail, through, found, await store.find("s", "replyTo", ids[40]), await store.find("s", "id", "nope"),
             newest, middle, first, await store.page("s", limit=5, before="nope")]
+
+
+def _check(answers: list[Any], ids: list[str]) -> None:
+    third, half = len(ids) // 3, len(ids) // 2
+    assert [r["id"] for r in answers[0]] == ids[-7:]
+    assert [r["id"] for r in answers[1]] == ids[third - 4: third + 1]
+    assert answers[2]["id"] == ids[40] and answers[3]["id"] == ids[41] and answers[4] is None
+    assert [r["id"] for r in answers[5].records] == ids[-50:] and answers[5].more
+    assert [r["id"] for r in answers[6].records] == ids[half - 50: half] and answers[6].more
+    assert [r["id"] for r in answers[7].records] == ids[:10] and not answers[7].more
+    assert answers[8] is None
+
+
+async def test_a_short_transcript_answers_the_same_without_an_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(tmp_path / "data", transcript={"fsync": "never"})
+    ids = write_transcript(settings.data_dir, "s", 300, key_at=40)
+    backend = open_backend(settings)
+    store = FileTranscriptStore(backend, settings)
+    try:
+        small = await _answers(store, ids)
+        _check(small, ids)
+        assert not index_path(store.path_for("s")).exists()  # most sessions are short: no file to create
+        monkeypatch.setattr(_transcript_index, "INDEX_FROM_BYTES", 0)
+        assert await _answers(store, ids) == small
+        assert index_path(store.path_for("s")).exists()
+    finally:
+        await backend.aclose()
 
 
 async def test_the_index_rebuilt_after_deletion_or_corruption_gives_the_same_answers(tmp_path: Path) -> None:
@@ -165,13 +194,7 @@ async def test_the_index_rebuilt_after_deletion_or_corruption_gives_the_same_ans
     index = index_path(transcript_path)
     try:
         expected = await _answers(store, ids)
-        assert [r["id"] for r in expected[0]] == ids[-7:]
-        assert [r["id"] for r in expected[1]] == ids[96:101]
-        assert expected[2]["id"] == ids[40] and expected[3]["id"] == ids[41] and expected[4] is None
-        assert [r["id"] for r in expected[5].records] == ids[-50:] and expected[5].more
-        assert [r["id"] for r in expected[6].records] == ids[1_950:2_000] and expected[6].more
-        assert [r["id"] for r in expected[7].records] == ids[:10] and not expected[7].more
-        assert expected[8] is None
+        _check(expected, ids)
         assert index.exists()
 
         index.unlink()

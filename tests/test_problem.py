@@ -26,6 +26,7 @@ from sessiongate._problem import (
     problem_json,
     problem_response,
     problem_status,
+    public_detail,
     render_problem,
     retry_after_seconds,
     send_problem,
@@ -61,7 +62,8 @@ def test_every_contract_error_renders_as_problem_json(
 
     assert problem.status == status == body["status"]
     assert body["type"].endswith("/" + name)
-    assert body["title"] == error.title and body["detail"] == error.detail
+    assert body["title"] == error.title
+    assert body["detail"] == (error.detail if status < 500 else public_detail(error, status))
     assert headers["Content-Type"] == "application/problem+json"
     assert ("sessionId" in body) == (error.session_id is not None)
     if retryable:

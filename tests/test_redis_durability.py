@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from sessiongate import StorageFailed, open_backend, open_transcripts
 from tests.chaos.soak import Chaos, SoakReport, audit, redis_transcripts, run_soak
 from tests.support import NO_RATE_LIMITS, DedicatedRedis, GatewayProcess, free_port
 from tests.test_doctor import doctor, levels
+from tests.workers import settings_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -85,3 +87,24 @@ def test_doctor_reports_the_servers_own_aof_setting(tmp_path: Path, durable_redi
     result = doctor(tmp_path, config)
     assert levels(result)["durability"] == "warn" and "last second" in result.stdout, result.stdout
     assert levels(result)["transcripts"] == "ok"
+
+
+async def test_an_append_redis_refuses_for_memory_is_storage_failed_and_writes_nothing(
+    tmp_path: Path, durable_redis: DedicatedRedis
+) -> None:
+    """Redis out of memory (``maxmemory``, ``noeviction``) refuses the script before it writes: 507, not a 500."""
+    settings = settings_for(tmp_path, durable_redis.url, transcript={"url": durable_redis.url})
+    backend = open_backend(settings)
+    try:
+        store = open_transcripts(backend, settings)
+        await store.append("s", [{"role": "user", "text": "kept"}])
+        with durable_redis.client() as client:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", 1)
+        with pytest.raises(StorageFailed):
+            await store.append("s", [{"role": "user", "text": "refused"}, {"role": "assistant", "text": "x"}])
+        with durable_redis.client() as client:
+            client.config_set("maxmemory", 0)
+        assert [record["text"] for record in await store.read_unlocked("s")] == ["kept"]
+    finally:
+        await backend.aclose()

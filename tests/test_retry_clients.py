@@ -46,10 +46,18 @@ def busy_gateway(tmp_path: Path, model: FakeOpenAI, **config: object) -> Uvicorn
 
 
 def start_first_turn(url: str, model: FakeOpenAI) -> threading.Thread:
-    """Send one message in the background; return once the model runs its turn (the session is busy)."""
+    """Send one message in the background; return once the model runs its turn (the session is busy).
+
+    One turn of another session finishes first, so the busy answers' estimate
+    comes from turn-time history (the turn's 0.8 s, less its elapsed time);
+    before any turn has finished the estimate is at least 1 s (docs/gate.md).
+    """
+    warm_up = url.rsplit("/", 1)[0] + "-warm-up/messages"
+    assert requests.post(warm_up, json={"text": "warm-up"}, timeout=10).status_code == 200
+    calls = model.calls
     first = threading.Thread(target=requests.post, args=(url,), kwargs={"json": {"text": "first"}, "timeout": 10})
     first.start()
-    wait_until(lambda: model.calls == 1, timeout=10, what="the first turn to reach the model")
+    wait_until(lambda: model.calls == calls + 1, timeout=10, what="the first turn to reach the model")
     return first
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sessiongate import file_stem
+from sessiongate import existing_file
 
 from .base import Inbound
 
@@ -80,7 +80,7 @@ class DeliveryCursors:
         write_durably(self._path(session_id), state)
 
     def _path(self, session_id: str) -> Path:
-        return self.directory / f"{file_stem(session_id)}.json"
+        return existing_file(self.directory, session_id, ".json")
 
 
 def write_durably(path: Path, value: dict[str, Any]) -> None:

@@ -1,10 +1,12 @@
 """``sessiongate doctor``: check what the gateway needs before (or while) it runs.
 
 One line per check, ``ok`` / ``warn`` / ``fail``: the config is valid, the data
-dir is writable, the lock backend answers, no lock has a dead or stale holder,
-every transcript parses, each provider's API key variable is set. It changes
-nothing, except creating a missing data dir (as ``serve`` would) and writing
-and removing a probe file in it.
+dir exists and is writable, the lock backend answers, no lock has a dead or
+stale holder, every transcript parses, each provider's API key variable is set,
+and the sessions API is not left open to the network while channels are on.
+It changes nothing, except writing and removing a probe file in the data dir;
+a missing data dir is a failure (run it where the gateway runs, or pass
+``--data-dir``), not created.
 
 Exit codes: 0 no check failed (warnings allowed), 1 a check failed,
 2 the config is invalid (the line names the key) or bad usage.
@@ -35,6 +37,7 @@ from sessiongate import (
     open_transcripts,
 )
 
+from .._auth import open_api_warning
 from ..settings import GatewaySettings
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
 from .locks import holder_views, transcript_info
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 async def _checks(settings: GatewaySettings, config_path: str | None) -> list[Check]:
     source = f"file {config_path}" if config_path else "defaults"
     checks = [Check(Level.OK, "config", f"valid ({source} + environment)"), _data_dir(settings)]
-    if checks[-1].level is Level.FAIL and settings.backend.url.startswith("file://"):
+    data_dir_usable = checks[-1].level is not Level.FAIL
+    if not data_dir_usable and settings.backend.url.startswith("file://"):
         return checks  # the file backend lives in the data dir: nothing more to look at
     backend = open_backend(settings)
     try:
@@ -89,28 +93,39 @@ async def _checks(settings: GatewaySettings, config_path: str | None) -> list[Ch
         checks.append(reachable)
         if reachable.level is not Level.FAIL:
             checks.append(await _lock_states(settings, backend))
-        store = open_transcripts(backend, settings)
-        if reachable.level is not Level.FAIL or isinstance(store, FileTranscriptStore):
+        on_disk = settings.transcript.url.startswith("file://")
+        if data_dir_usable if on_disk else reachable.level is not Level.FAIL:  # a file store would create the folder
+            store = open_transcripts(backend, settings)
             checks.append(await _transcripts(store))
             checks.append(await _durability(store))
     finally:
         await backend.aclose()
     checks.extend(_providers(settings))
+    checks.append(_api_exposure(settings))
     return checks
+
+
+def _api_exposure(settings: GatewaySettings) -> Check:
+    warning = open_api_warning(settings)
+    if warning is not None:
+        return Check(Level.WARN, "auth", warning)
+    open_to = "open (no auth.tokens)" if not settings.auth.tokens else f"{len(settings.auth.tokens)} token(s)"
+    return Check(Level.OK, "auth", f"sessions API {open_to} on {settings.server.host}")
 
 
 def _data_dir(settings: GatewaySettings) -> Check:
     data_dir = Path(settings.data_dir).resolve()
-    created = not data_dir.exists()
+    if not data_dir.is_dir():
+        return Check(Level.FAIL, "data dir", f"{data_dir} does not exist: nothing has run here "
+                                             "(run doctor where the gateway runs, or pass --data-dir)")
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".doctor-") as probe:
             probe.write(b"probe")
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
         return Check(Level.FAIL, "data dir", f"{data_dir} is not writable: {exc.strerror}")
-    return Check(Level.OK, "data dir", f"{data_dir} writable{' (created)' if created else ''}")
+    return Check(Level.OK, "data dir", f"{data_dir} writable")
 
 
 async def _backend_reachable(settings: GatewaySettings, backend: Backend) -> Check:

@@ -11,7 +11,8 @@ live gateway took over meanwhile, is left alone.
 
 Exit codes: 0 ok (``list``/``inspect``: no dead or stale holder; ``clean``:
 done), 1 dead or stale holders present (``list``/``inspect``), 2 bad config or
-usage, 3 lock backend unreachable.
+usage, or no data dir where the file backend keeps its locks (nothing has run
+there: "no locks held" would be about nothing), 3 lock backend unreachable.
 """
 
 from __future__ import annotations
@@ -157,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
             validate_session_id(args.session)
     except (ConfigError, InvalidSessionId) as exc:
         print(f"sessiongate locks: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.backend.url.startswith("file://") and not settings.file_storage_root.is_dir():
+        # opening the backend would create an empty one here, and "no locks held" would be about nothing
+        print(f"sessiongate locks: no data dir at {settings.file_storage_root.resolve()}: nothing has run here "
+              "(run where the gateway runs, or pass --data-dir)", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(_with_backend(action, args, settings))
 

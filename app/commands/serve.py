@@ -12,6 +12,7 @@ before the workers (fresh interpreters) import anything.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -23,11 +24,15 @@ import uvicorn
 
 from sessiongate import ConfigError
 
+from .._auth import open_api_warning
+from .._http import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
 from .._logging import configure_logging
 from .._server import SETTINGS_ENV
 from ..routes.metrics import MULTIPROC_ENV
 from ..settings import GatewaySettings
 from ._settings import EXIT_USAGE, load_settings, settings_options
+
+HEAD_TIMEOUT_S = 5  # longest wait for a request's head, and for the next request on a kept-alive connection
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"sessiongate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.server.log_format)
+    if (warning := open_api_warning(settings)) is not None:
+        logging.getLogger("sessiongate.serve").warning(warning)
     os.environ[SETTINGS_ENV] = settings.model_dump_json(by_alias=True)
     metrics_dir = multiprocess_metrics_dir(settings) if settings.server.workers > 1 else None
     try:
@@ -65,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
             log_config=None,  # app._logging formats every line, in every worker
             access_log=False,  # app._logging.RequestLog writes one line per request
             timeout_graceful_shutdown=5,
+            http=BoundedHttpToolsProtocol,  # httptools with a bounded request head (size, count, time)
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+            timeout_keep_alive=HEAD_TIMEOUT_S,
+            proxy_headers=False,  # it would trust X-Forwarded-For from 127.0.0.1; the app trusts server.trustedProxies
         )
     finally:
         if metrics_dir is not None:

@@ -2,7 +2,7 @@
 
 Kept apart because they answer different questions: a load balancer should
 stop sending traffic when the backend (e.g. Redis) is gone (``/readyz`` 503
-``backend-unavailable``), while a supervisor should restart only a process
+``backend-unavailable``) or transcript appends fail (507 ``storage-failed``), while a supervisor should restart only a process
 that stopped serving (``/healthz``).
 """
 
@@ -18,7 +18,9 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    await request.app.state.gateway.backend.ping()  # BackendUnavailable → 503 problem
+    gateway = request.app.state.gateway
+    await gateway.backend.ping()  # BackendUnavailable → 503 problem
+    gateway.store.check_writable()  # StorageFailed → 507 problem while transcript appends fail
     return JSONResponse({"status": "ready"})
 
 

@@ -30,9 +30,12 @@ PROBLEM_TYPES = {
     "invalid-request": "malformed JSON, missing or wrong fields (400)",
     "invalid-session-id": "the session id is not 1-128 characters of [A-Za-z0-9._:@-] (400)",
     "payload-too-large": "the body is over server.maxBodyBytes (413)",
+    "unsupported-media-type": "a JSON route called with another Content-Type (415)",
+    "forbidden": "a browser request from another site to a state-changing route (403; see server.corsOrigins)",
     "unauthorized": "bad or missing bearer token, webhook secret or signature (401)",
     "all-providers-failed": "every provider failed with a provider error; detail lists each (502)",
     "backend-unavailable": "the lock backend cannot be reached (503)",
+    "storage-failed": "the transcript could not be written (disk full); nothing of the turn was kept (507)",
     "channel-not-configured": "a webhook for a channel that is not in the config (404)",
     "not-found": "no such route (404)",
     "method-not-allowed": "the route exists, the method does not (405)",
@@ -110,15 +113,18 @@ def _turn_errors(media_type: str = PROBLEM_CONTENT_TYPE, schema: str = "Problem"
     return {
         "400": error("invalid-request / invalid-session-id"),
         "401": error("unauthorized (only when auth.tokens is set)"),
+        "403": error("forbidden: a cross-site browser request"),
         "405": error("method-not-allowed"),
         "409": error("session-busy / idempotency-in-flight", retryable=True),
         "413": error("payload-too-large"),
+        "415": error("unsupported-media-type"),
         "422": error("idempotency-key-reused"),
         "429": error("rate-limited / queue-full (or session-busy with contention.status=429)",
                      headers=_RATELIMIT_HEADERS),
         "500": error("internal-error"),
         "502": error("all-providers-failed"),
         "503": error("backend-unavailable", retryable=True),
+        "507": error("storage-failed"),
     }
 
 
@@ -251,8 +257,9 @@ def openapi_document() -> dict[str, Any]:
             "/v1/webhooks/telegram": _webhook("Telegram update (X-Telegram-Bot-Api-Secret-Token checked)"),
             "/v1/webhooks/slack": _webhook("Slack Events API request (signature and timestamp checked)"),
             "/healthz": _public_get("Liveness: the process serves", "healthz", {"200": _json("Status", "up")}),
-            "/readyz": _public_get("Readiness: the lock backend answers", "readyz", {
-                "200": _json("Status", "ready"), "503": _problem("backend-unavailable", retryable=True)}),
+            "/readyz": _public_get("Readiness: the lock backend answers and transcript appends succeed", "readyz", {
+                "200": _json("Status", "ready"), "503": _problem("backend-unavailable", retryable=True),
+                "507": _problem("storage-failed")}),
             "/metrics": _public_get("Prometheus metrics", "metrics", {"200": _content("text/plain", "string")}),
             "/openapi.json": _public_get("This document", "openapi", {"200": _content("application/json", "object")}),
             "/": _public_get("The webchat page", "webchat", {"200": _content("text/html", "string")}),

@@ -8,6 +8,8 @@ the route only runs the turn under the lane it was given, with what the gate rea
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -18,10 +20,10 @@ from sessiongate import InvalidRequest, SessionGateError, admission_of, validate
 from .._body import MessageIn
 from .._context import Gateway
 from .._logging import SESSION_ID
-from ..paths import MESSAGES_ROUTE
+from ..paths import MESSAGES_ROUTE, messages_path
 from ..turns import user_record
 
-__all__ = ["SessionMessages", "gateway_of", "routes"]
+__all__ = ["DEFAULT_PAGE_LIMIT", "MAX_PAGE_LIMIT", "SessionMessages", "gateway_of", "page_limit", "routes"]
 
 
 DEFAULT_PAGE_LIMIT = 100
@@ -62,8 +64,8 @@ class SessionMessages(HTTPEndpoint):
             raise InvalidRequest(f"before={before!r} is not a message of session {session_id!r}")
         headers = {}
         if page.more:
-            older = request.url.include_query_params(limit=limit, before=page.records[0]["id"])
-            headers["Link"] = f'<{older.path}?{older.query}>; rel="next"'
+            older = urlencode({"limit": limit, "before": page.records[0]["id"]})
+            headers["Link"] = f'<{messages_path(session_id)}?{older}>; rel="next"'
         return JSONResponse({"sessionId": session_id, "messages": page.records}, headers=headers)
 
 

@@ -133,6 +133,10 @@ class TranscriptStore(ABC):
         """How many records the session's transcript holds (0 when it has none)."""
 
     @abstractmethod
+    def check_writable(self) -> None:
+        """Raise :class:`~sessiongate.StorageFailed` while appends fail (for readiness probes)."""
+
+    @abstractmethod
     async def durability(self) -> Durability:
         """Whether an acknowledged append survives a crash of the machine, as configured now."""
 

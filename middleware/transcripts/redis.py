@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,12 +30,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from .._backend import Backend
-from .._errors import FencedOut
+from .._errors import FencedOut, StorageFailed
 from .._metrics import FENCING_REFUSALS
 from .._redis import OUTAGE_ERRORS, outage_as_backend_unavailable, unavailable
 from .base import Durability, LockedTranscript, Page, Record, TranscriptStore, completed, encode, indexed_values
 
 __all__ = ["RedisLockedTranscript", "RedisTranscriptStore", "TranscriptKeys", "judge_persistence"]
+
+logger = logging.getLogger("sessiongate.transcripts.redis")
 
 _APPEND = (resources.files(__package__) / "append.lua").read_text(encoding="utf-8")
 _APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()
@@ -153,6 +156,11 @@ class RedisTranscriptStore(TranscriptStore):
                 return await self._client.evalsha(_APPEND_SHA, 3, *args)  # type: ignore[no-any-return]
         except OUTAGE_ERRORS as exc:
             raise unavailable(exc) from exc
+        except ResponseError as exc:  # e.g. OOM: Redis refused the script before it wrote anything
+            logger.error("append to %s refused by Redis: %s", self.keys.stream(session_id), exc)
+            raise StorageFailed(
+                f"the transcript of session {session_id!r} could not be written (Redis: {exc})", session_id=session_id
+            ) from exc
 
     async def session_ids(self) -> list[str]:
         found: set[str] = set()
@@ -164,6 +172,9 @@ class RedisTranscriptStore(TranscriptStore):
     async def count(self, session_id: str) -> int:
         with outage_as_backend_unavailable():
             return int(await self._client.xlen(self.keys.stream(session_id)))
+
+    def check_writable(self) -> None:
+        """Nothing to report: a Redis that cannot take writes is ``backend-unavailable``, which /readyz checks."""
 
     async def durability(self) -> Durability:
         """From the server's own settings (``CONFIG GET``, else ``INFO persistence`` where CONFIG is disabled)."""

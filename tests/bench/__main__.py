@@ -29,8 +29,8 @@ BENCHMARKS = [
     "tests.bench.bench_redis",
     "tests.bench.bench_redis_transcripts",
     "tests.bench.bench_memory",
-    "tests.bench.bench_history",
     "tests.bench.bench_clients",
+    "tests.bench.bench_history",
 ]
 
 

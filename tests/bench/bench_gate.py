@@ -118,11 +118,12 @@ def seed_app() -> Starlette:
 class Server:
     """One bench app in its own uvicorn process on 127.0.0.1."""
 
-    def __init__(self, kind: str, env: dict[str, str]) -> None:
+    def __init__(self, kind: str, env: dict[str, str], *, http: str = "auto") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "uvicorn", "--factory", f"tests.bench.bench_gate:{kind}_app",
-                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+                "--http", http]
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, env={**os.environ, **env})
         wait_until(self._up, timeout=20, interval=0.05, what=f"{kind} server")
         self.stats = psutil.Process(self.process.pid)
@@ -149,11 +150,13 @@ class Server:
 
 
 @contextlib.contextmanager
-def servers(specs: dict[str, tuple[str, dict[str, str]]]) -> Iterator[dict[str, Server]]:
+def servers(specs: dict[str, tuple[str, dict[str, str]]], *, http: dict[str, str] | None = None,
+            ) -> Iterator[dict[str, Server]]:
+    """The servers of ``specs`` (name -> (kind, env)), each with its uvicorn ``--http`` from ``http`` (else auto)."""
     started: dict[str, Server] = {}
     try:
         for name, (kind, env) in specs.items():
-            started[name] = Server(kind, env)
+            started[name] = Server(kind, env, http=(http or {}).get(name, "auto"))
         yield started
     finally:
         for server in started.values():
@@ -374,6 +377,29 @@ def bench_overhead(tmp: Path, quick: bool) -> list[dict]:
     return rows
 
 
+HTTP_PARSERS = {  # label -> uvicorn --http
+    "httptools (uvicorn's default)": "httptools",
+    "httptools with the gateway's bounded head": "sessiongate.gateway._http:BoundedHttpToolsProtocol",
+    "h11 (bounded head, pure Python)": "h11",
+}
+
+
+def bench_http_parsers(tmp: Path, quick: bool) -> list[dict]:
+    """Capacity of bare Starlette under each HTTP parser: what bounding the request head costs."""
+    rounds: dict[str, list[float]] = {name: [] for name in HTTP_PARSERS}
+    with servers({name: ("bare", {}) for name in HTTP_PARSERS}, http=HTTP_PARSERS) as running:
+        for _ in range(3 if quick else 7):
+            for name, server in running.items():
+                rounds[name].append(asyncio.run(load(server, seconds=1.5))[1])
+    capacity = {name: statistics.median(runs) for name, runs in rounds.items()}
+    plain = capacity["httptools (uvicorn's default)"]
+    bounded = "httptools with the gateway's bounded head"
+    return [_row(f"trivial endpoint, bare Starlette, {name}", capacity[name], "req/CPU-s",
+                 "httptools (uvicorn's default)", plain, capacity[name] / plain,
+                 *(("≥ 0.9 of httptools", capacity[name] / plain >= 0.9) if name == bounded else (None, None)))
+            for name in list(HTTP_PARSERS)[1:]]
+
+
 def bench_goodput(tmp: Path, quick: bool) -> list[dict]:
     clients, messages, delay_ms = 4, 3, 200
     specs = {
@@ -455,8 +481,8 @@ def run(quick: bool = False) -> list[dict]:
     """Every SessionGate benchmark; ``ratio`` is the speed-up over the baseline (higher is better)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        return [*bench_busy_latency(root, quick), *bench_overhead(root, quick), *bench_gate_cost(root, quick),
-                *bench_goodput(root, quick)]
+        return [*bench_busy_latency(root, quick), *bench_overhead(root, quick), *bench_http_parsers(root, quick),
+                *bench_gate_cost(root, quick), *bench_goodput(root, quick)]
 
 
 def main() -> None:
