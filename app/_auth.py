@@ -22,6 +22,8 @@ from sessiongate import Unauthorized, error_format_of, problem_response
 from ._openai import OPENAI_PATHS
 from .settings import GatewaySettings
 
+__all__ = ["PROTECTED_PREFIX", "BearerAuth", "bearer_token", "is_loopback", "is_protected", "open_api_warning"]
+
 PROTECTED_PREFIX = "/v1/sessions"
 
 

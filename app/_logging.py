@@ -21,6 +21,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sessiongate import REQUEST_ID
 
+__all__ = [
+    "SESSION_ID",
+    "JsonLinesFormatter",
+    "OneLineFormatter",
+    "RequestLog",
+    "configure_logging",
+    "escape_controls",
+]
+
 SESSION_ID: ContextVar[str | None] = ContextVar("session_id", default=None)
 
 _WELL_FORMED_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -58,7 +67,7 @@ class OneLineFormatter(logging.Formatter):
 class JsonLinesFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, ids, the record's ``fields`` and any traceback."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed sees only the no-argument overload
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {

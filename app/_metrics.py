@@ -11,6 +11,17 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+__all__ = [
+    "ALL_PROVIDERS_FAILED",
+    "CHANNEL_DELIVERIES",
+    "CHANNEL_DELIVERY_RETRIES",
+    "CHANNEL_MESSAGES",
+    "EVENT_LOOP_LAG",
+    "PROVIDER_CALLS",
+    "PROVIDER_FAILURES",
+    "PROVIDER_SECONDS",
+]
+
 PROVIDER_CALLS = Counter(
     "sessiongate_provider_calls_total", "Model provider calls, by provider and outcome (ok / error)",
     ["provider", "outcome"],

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from sessiongate import __version__
 
+__all__ = ["COMMANDS", "DEFAULT_COMMAND", "build_parser", "main", "with_default_command"]
+
 COMMANDS: tuple[str, ...] = ("serve", "send", "locks", "doctor", "transcripts")
 DEFAULT_COMMAND = "serve"
 

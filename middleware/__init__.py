@@ -63,8 +63,8 @@ from ._problem import (
     send_problem,
     use_error_format,
 )
-from ._storage import Holder, HolderState, LeaseKind, LeaseStorage
 from ._store import FileTranscriptStore
+from .storage import Holder, HolderState, LeaseKind, LeaseStorage, RecordStorage
 from .transcripts import Durability, LockedTranscript, Page, TranscriptStore, new_record_id, open_transcripts, utc_now
 
 try:
@@ -105,6 +105,7 @@ __all__ = [
     "PayloadTooLarge",
     "QueueFull",
     "RateLimited",
+    "RecordStorage",
     "RetryableError",
     "SessionBusy",
     "SessionGate",

@@ -1,28 +1,23 @@
 """The backend: one object that the gate and the gateway use for everything sessions share.
 
-:func:`open_backend` picks the storage from ``backend.url`` by scheme (as
-``limits`` picks its storage from a URL) and puts the strategies on top of it:
-lanes (one turn per session, reject or queue, Retry-After estimates) and
-transcript write locks (bounded wait). Callers never touch storages directly.
+:func:`open_backend` opens the storage ``backend.url`` names (its schemes are
+registered in :mod:`sessiongate.storage`, as ``limits`` registers its storages)
+and puts the strategies on top of it: lanes (one turn per session, reject or
+queue, Retry-After estimates) and transcript write locks (bounded wait).
+Callers never touch storages directly.
 """
 
 from __future__ import annotations
 
-import importlib
 from contextlib import AbstractAsyncContextManager
 
-from ._config import Settings, storage_scheme
+from ._config import Settings
 from ._lanes import LaneGrant, Lanes
-from ._storage import LeaseStorage, RecordStorage
 from ._waiting import Heartbeats
 from ._write_lock import WriteLockHold, WriteLocks
+from .storage import LeaseStorage, RecordStorage, open_storage
 
-_STORAGES: dict[str, str] = {  # one entry per _config.STORAGE_SCHEMES
-    "memory": "sessiongate._memory:MemoryStorage",
-    "file": "sessiongate._file:FileStorage",
-    "redis": "sessiongate._redis:RedisStorage",
-    "rediss": "sessiongate._redis:RedisStorage",
-}
+__all__ = ["Backend", "open_backend"]
 
 
 class Backend:
@@ -56,13 +51,6 @@ class Backend:
     async def aclose(self) -> None:
         await self.lanes.aclose()
         await self.storage.aclose()
-
-
-def open_storage(settings: Settings) -> LeaseStorage:
-    """The storage named by ``backend.url`` (imported lazily: no redis import for file use)."""
-    module_name, class_name = _STORAGES[storage_scheme(settings.backend.url)].split(":")
-    storage_class = getattr(importlib.import_module(module_name), class_name)
-    return storage_class.from_settings(settings)
 
 
 def open_backend(settings: Settings) -> Backend:

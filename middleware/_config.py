@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from ._errors import ConfigError
+from .storage import check_scheme, scheme_of
 
 __all__ = [
     "BackendSettings",
@@ -43,7 +44,6 @@ __all__ = [
     "SettingsSection",
     "TranscriptSettings",
     "redis_address",
-    "storage_scheme",
 ]
 
 ENV_PREFIX = "SESSIONGATE_"
@@ -100,15 +100,6 @@ class RateLimitSettings(SettingsSection):
         return None
 
 
-SHARED_SCHEMES = ("redis", "rediss")  # storages every process and host shares
-STORAGE_SCHEMES = ("file", "memory", *SHARED_SCHEMES)
-
-
-def storage_scheme(url: str) -> str:
-    """The scheme of a ``backend.url`` (``""`` when it has none)."""
-    return url.split("://", 1)[0] if "://" in url else ""
-
-
 class BackendSettings(SettingsSection):
     url: str = "file://"
     key_prefix: str = Field("sessiongate", min_length=1, max_length=64)
@@ -119,12 +110,10 @@ class BackendSettings(SettingsSection):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if storage_scheme(value) not in STORAGE_SCHEMES:
-            raise ValueError("must start with file://, memory://, redis:// or rediss://")
-        return value
+        return check_scheme(value)
 
 
-TRANSCRIPT_SCHEMES = ("file", *SHARED_SCHEMES)
+TRANSCRIPT_SCHEMES = ("file", "redis", "rediss")  # the transcript stores (sessiongate.transcripts)
 
 
 def redis_address(url: str) -> tuple[str, str, int, int]:
@@ -143,7 +132,7 @@ class TranscriptSettings(SettingsSection):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if storage_scheme(value) not in TRANSCRIPT_SCHEMES or (storage_scheme(value) == "file" and value != "file://"):
+        if scheme_of(value) not in TRANSCRIPT_SCHEMES or (scheme_of(value) == "file" and value != "file://"):
             raise ValueError("must be file:// or start with redis:// or rediss://")
         return value
 
@@ -173,7 +162,7 @@ class Settings(SettingsSection):
     def _transcripts_beside_their_fences(self) -> Self:
         """Redis transcripts are fenced by the lease storage's fence counter, so both must be one Redis."""
         url = self.transcript.url
-        if storage_scheme(url) in SHARED_SCHEMES and redis_address(url) != redis_address(self.backend.url):
+        if scheme_of(url) != "file" and redis_address(url) != redis_address(self.backend.url):
             raise ValueError(
                 "transcript.url must name the Redis server and db of backend.url: an append checks its fence"
                 f" there inside Redis (transcript.url {redis_address(url)[1:]}, backend.url {self.backend.url!r})"

@@ -28,7 +28,18 @@ from typing import Any
 from starlette.types import Scope
 
 from ._errors import IdempotencyInFlight, IdempotencyKeyReused, InvalidRequest
-from ._storage import THIS_HOST, RecordStorage, _this_process_started_at, owner_dead
+from .storage.base import THIS_HOST, RecordStorage, owner_dead, this_process_started_at
+
+__all__ = [
+    "DEFAULT_IN_FLIGHT_TTL_MS",
+    "IN_FLIGHT_RETRY_AFTER_MS",
+    "MAX_KEY_LENGTH",
+    "Claim",
+    "Idempotency",
+    "StoredAnswer",
+    "idempotency_key",
+    "is_retryable_status",
+]
 
 MAX_KEY_LENGTH = 255
 # An in-flight record expires after this long even if its owner never finishes (hung on another host).
@@ -176,6 +187,6 @@ def _in_flight(fingerprint: str) -> dict[str, Any]:
         "owner": uuid.uuid4().hex,
         "pid": os.getpid(),
         "host": THIS_HOST,
-        "processStartedAt": _this_process_started_at(),
+        "processStartedAt": this_process_started_at(),
         "startedAt": time.time(),
     }

@@ -21,8 +21,10 @@ from collections import OrderedDict
 from ._config import Settings
 from ._errors import ClientGone, QueueFull, SessionBusy
 from ._metrics import LANE_WAIT_SECONDS, QUEUE_DEPTH, TURN_SECONDS, count_takeover
-from ._storage import Holder, LeaseKind, LeaseStorage, StoredLease, Ticket
 from ._waiting import Backoff, Departure, Heartbeats, Wakeups, moving_average
+from .storage import Holder, LeaseKind, LeaseStorage, StoredLease, Ticket
+
+__all__ = ["LaneGrant", "Lanes", "TurnDurations"]
 
 
 class TurnDurations:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._storage import StoredLease
+    from .storage import StoredLease
 
 __all__ = [
     "CONTENTION_ANSWERS",

@@ -39,9 +39,12 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 
-from ._config import SHARED_SCHEMES, Settings, storage_scheme
+from ._config import Settings
 from ._errors import BackendUnavailable, RateLimited
 from ._window_counts import LazyMemoryStorage
+from .storage import is_shared as storage_is_shared
+
+__all__ = ["Policy", "RateLimits", "is_shared"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,13 @@ class Policy:
 
 def is_shared(settings: Settings) -> bool:
     """Whether counts live in Redis (shared by every process) rather than in this process."""
-    return storage_scheme(settings.backend.url) in SHARED_SCHEMES
+    return storage_is_shared(settings.backend.url)
 
 
 def _storage_for(settings: Settings) -> Storage:
     if not is_shared(settings):
         return LazyMemoryStorage()
-    from ._redis import CONNECTION_OPTIONS  # short timeouts + one reconnect: survives a Redis restart
+    from .storage.redis import CONNECTION_OPTIONS  # short timeouts + one reconnect: survives a Redis restart
 
     storage = storage_from_string(
         "async+" + settings.backend.url,

@@ -19,6 +19,8 @@ import time
 
 from limits.aio.storage import Storage
 
+__all__ = ["SWEEP_INTERVAL_S", "LazyMemoryStorage"]
+
 SWEEP_INTERVAL_S = 1.0
 
 

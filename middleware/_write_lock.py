@@ -16,8 +16,10 @@ import time
 from ._config import Settings
 from ._errors import LockTimeout
 from ._metrics import WRITE_LOCK_HOLD_SECONDS, WRITE_LOCK_WAIT_SECONDS, count_takeover
-from ._storage import LeaseKind, LeaseStorage, StoredLease
 from ._waiting import Backoff, Beating, Heartbeats, moving_average
+from .storage import LeaseKind, LeaseStorage, StoredLease
+
+__all__ = ["WriteLockHold", "WriteLocks"]
 
 
 class _LocalQueue:

@@ -21,8 +21,6 @@ import httpx
 import pytest
 
 from sessiongate import Settings
-from sessiongate._backend import open_storage
-from sessiongate._storage import LeaseKind
 from sessiongate.gateway.client import (
     AsyncSessionGateClient,
     GaveUp,
@@ -32,6 +30,7 @@ from sessiongate.gateway.client import (
     SessionGateClient,
     retry_after_ms,
 )
+from sessiongate.storage import LeaseKind, open_storage
 from tests.support import GatewayProcess, free_port, run_cli, wait_until
 
 TURN_MS = 1500

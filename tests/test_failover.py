@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sessiongate import open_backend
-from sessiongate._storage import LeaseKind
+from sessiongate.storage import LeaseKind
 from tests.fakes import gateway_settings, serve_gateway
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import assert_problem, free_port, messages_url, wait_for

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sessiongate import _file
 from sessiongate._errors import BackendUnavailable
-from sessiongate._file import FileRecords, FileStorage, LockPathAttack
-from sessiongate._storage import HolderState, LeaseKind
+from sessiongate.storage import HolderState, LeaseKind
+from sessiongate.storage import file as file_storage
+from sessiongate.storage.file import FileRecords, FileStorage, LockPathAttack
 from tests.support import wait_until
 from tests.workers import settings_for, spawn, wait_for_report
 
@@ -155,7 +155,7 @@ async def test_expired_records_are_swept_by_mtime_and_live_ones_kept(tmp_path: P
 async def test_put_starts_a_background_sweep_at_most_every_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_file, "SWEEP_INTERVAL_S", 0.2)
+    monkeypatch.setattr(file_storage, "SWEEP_INTERVAL_S", 0.2)
     records = FileRecords(tmp_path / "records")
     for number in range(20):
         await records.put(f"k{number}", {}, ttl_ms=20)

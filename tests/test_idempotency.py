@@ -13,7 +13,7 @@ import pytest
 from sessiongate import Settings, open_backend
 from sessiongate._errors import IdempotencyInFlight, IdempotencyKeyReused, InvalidRequest
 from sessiongate._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
-from sessiongate._storage import RecordStorage
+from sessiongate.storage import RecordStorage
 
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/sessions/s1/messages", "headers": []}
 ANSWER = StoredAnswer(200, [(b"content-type", b"application/json")], b'{"reply":"hi"}')

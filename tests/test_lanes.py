@@ -14,7 +14,7 @@ import pytest
 
 from sessiongate._errors import QueueFull, SessionBusy
 from sessiongate._lanes import Lanes
-from sessiongate._memory import MemoryStorage
+from sessiongate.storage.memory import MemoryStorage
 from tests.workers import settings_for, sibling_backends
 
 pytestmark = pytest.mark.anyio

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sessiongate import _memory
-from sessiongate._backend import open_storage
-from sessiongate._memory import MemoryRecords
-from sessiongate._storage import HolderState, LeaseKind, LeaseStorage
+from sessiongate.storage import HolderState, LeaseKind, LeaseStorage, memory, open_storage
+from sessiongate.storage.memory import MemoryRecords
 from tests.workers import settings_for
 
 pytestmark = pytest.mark.anyio
@@ -105,7 +103,7 @@ async def test_holders_and_break_lease_of_a_stale_holder(storage: LeaseStorage) 
 
 
 async def test_memory_records_nobody_reads_again_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_memory, "SWEEP_INTERVAL_S", 0.5)  # the first put sweeps; the next is due in 0.5 s
+    monkeypatch.setattr(memory, "SWEEP_INTERVAL_S", 0.5)  # the first put sweeps; the next is due in 0.5 s
     records = MemoryRecords()
     for number in range(1_000):
         await records.put(f"once-{number}", {"n": number}, ttl_ms=300)

@@ -18,8 +18,8 @@ import pytest
 
 from sessiongate._backend import open_backend
 from sessiongate._errors import SessionBusy
-from sessiongate._storage import HolderState, LeaseKind
 from sessiongate._store import FileTranscriptStore
+from sessiongate.storage import HolderState, LeaseKind
 from tests.support import wait_until
 from tests.workers import publish, settings_for, spawn, wait_for_report
 

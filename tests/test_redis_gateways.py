@@ -24,8 +24,8 @@ import pytest
 import redis
 
 from sessiongate import open_backend
-from sessiongate._redis import _Keys
-from sessiongate._storage import LeaseKind
+from sessiongate.storage import LeaseKind
+from sessiongate.storage.redis import _Keys
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, wait_for

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sessiongate._redis import _Keys
-from sessiongate._storage import LeaseKind
+from sessiongate.storage import LeaseKind
+from sessiongate.storage.redis import _Keys
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
 from tests.support import DedicatedRedis, GatewayProcess, assert_problem, free_port, messages_url, wait_for
 

@@ -8,7 +8,6 @@ killed with SIGKILL to leave a dead holder behind.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -16,14 +15,16 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import pytest
 import redis
 
 from sessiongate import Settings
 from sessiongate._errors import BackendUnavailable
-from sessiongate._redis import RedisStorage
-from sessiongate._storage import Holder, HolderState, LeaseKind
+from sessiongate.storage import Holder, HolderState, LeaseKind, encode_holder
+from sessiongate.storage.base import holder_head
+from sessiongate.storage.redis import RedisStorage
 from tests.support import REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
@@ -55,8 +56,8 @@ HOLDER_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
     from sessiongate import Settings
-    from sessiongate._redis import RedisStorage
-    from sessiongate._storage import LeaseKind
+    from sessiongate.storage import LeaseKind
+    from sessiongate.storage.redis import RedisStorage
 
     async def main():
         storage = RedisStorage.from_settings(Settings.load(
@@ -195,11 +196,12 @@ async def test_scripts_are_reloaded_after_redis_forgot_them(storage: RedisStorag
 
 async def test_a_retried_acquire_whose_reply_was_lost_finds_its_own_lease(storage: RedisStorage) -> None:
     keys = [storage.keys.lease(LANE, "s1"), storage.keys.fence("s1")]
-    args = ["token-1", '{"sessionId": "s1"', LONG_MS, "", "1"]
+    holder = Holder.for_this_process("s1", LANE)
+    args = ["token-1", holder_head(holder), LONG_MS, "", "1"]
     first = await storage._run(storage._acquire, keys=keys, args=args)
     assert await storage._run(storage._acquire, keys=keys, args=args) == first
     refused = await storage._run(storage._acquire, keys=keys, args=["token-2", *args[1:]])
-    assert refused == f'token-1 {{"sessionId": "s1", "fence": {first}}}'  # the holder's value, for judging it
+    assert refused == f"token-1 {encode_holder(replace(holder, fence=first))}"  # the holder's value, for judging it
 
 
 # takeover of dead and silent holders
@@ -223,7 +225,7 @@ async def test_a_holder_on_another_host_waits_for_its_ttl(storage: RedisStorage)
         session_id="s1", kind=LANE, pid=2**22 + 7, host="another-host", process_started_at=None,
         since=time.time(), heartbeat_at=time.time(), fence=0,
     )
-    await storage.client.set(storage.keys.lease(LANE, "s1"), f"tok {json.dumps(elsewhere.to_json())}", px=300)
+    await storage.client.set(storage.keys.lease(LANE, "s1"), f"tok {encode_holder(elsewhere)}", px=300)
     assert await storage.try_acquire(LANE, "s1", stale_ms=300) is None  # its pid means nothing here
     await asyncio.sleep(0.35)
     lease = await storage.try_acquire(LANE, "s1", stale_ms=300)

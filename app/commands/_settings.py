@@ -12,6 +12,8 @@ from typing import Any
 
 from ..settings import GatewaySettings
 
+__all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_UNREACHABLE", "EXIT_USAGE", "load_settings", "settings_options"]
+
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 

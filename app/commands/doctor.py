@@ -42,6 +42,8 @@ from ..settings import GatewaySettings
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, load_settings, settings_options
 from .locks import holder_views, transcript_info
 
+__all__ = ["PING_TIMEOUT_S", "Check", "Level", "add_parser", "run"]
+
 PING_TIMEOUT_S = 5.0
 
 

@@ -45,6 +45,17 @@ from sessiongate import (
 
 from ._settings import EXIT_OK, EXIT_PROBLEMS, EXIT_UNREACHABLE, EXIT_USAGE, load_settings, settings_options
 
+__all__ = [
+    "COLUMNS",
+    "HolderView",
+    "add_parser",
+    "duration",
+    "holder_views",
+    "run",
+    "table",
+    "transcript_info",
+]
+
 
 @dataclass(frozen=True)
 class HolderView:

@@ -32,6 +32,8 @@ from ..routes.metrics import MULTIPROC_ENV
 from ..settings import GatewaySettings
 from ._settings import EXIT_USAGE, load_settings, settings_options
 
+__all__ = ["HEAD_TIMEOUT_S", "add_parser", "ensure_data_dir", "multiprocess_metrics_dir", "run"]
+
 HEAD_TIMEOUT_S = 5  # longest wait for a request's head, and for the next request on a kept-alive connection
 
 

@@ -14,6 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+__all__ = ["MULTIPROC_ENV", "forget_this_process", "metrics", "routes", "scrape_registry"]
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 

@@ -21,6 +21,8 @@ from .._body import MAX_SENDER_CHARS, MAX_TEXT_CHARS
 from ..paths import CHAT_COMPLETIONS, MESSAGES, MODELS
 from .sessions import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT
 
+__all__ = ["PROBLEM_TYPES", "openapi", "openapi_document", "routes"]
+
 PROBLEM_TYPES = {
     "session-busy": "the session's lane or write lock was not had within its wait (409, or contention.status)",
     "queue-full": "lane.mode=queue and the session's queue is at lane.queueCap (429)",

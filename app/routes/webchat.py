@@ -13,6 +13,8 @@ from starlette.responses import FileResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+__all__ = ["PAGE_HEADERS", "STATIC_PACKAGE", "routes"]
+
 STATIC_PACKAGE = ("sessiongate.gateway", "static")
 PAGE_HEADERS = {
     "Content-Security-Policy": (

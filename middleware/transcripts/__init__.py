@@ -11,7 +11,8 @@ import importlib
 from urllib.parse import urlsplit
 
 from .._backend import Backend
-from .._config import Settings, storage_scheme
+from .._config import Settings
+from ..storage import scheme_of
 from .base import INDEXED_FIELDS, Durability, LockedTranscript, Page, Record, TranscriptStore, new_record_id, utc_now
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
 
 def open_transcripts(backend: Backend, settings: Settings) -> TranscriptStore:
     """The store named by ``transcript.url``; a Redis store shares ``backend``'s Redis client and fences."""
-    if storage_scheme(settings.transcript.url) == "file":
+    if scheme_of(settings.transcript.url) == "file":
         from .._store import FileTranscriptStore
 
         return FileTranscriptStore(backend, settings)

@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from .._backend import Backend
 from .._errors import FencedOut, StorageFailed
 from .._metrics import FENCING_REFUSALS
-from .._redis import OUTAGE_ERRORS, outage_as_backend_unavailable, unavailable
+from ..storage.redis import OUTAGE_ERRORS, outage_as_backend_unavailable, unavailable
 from .base import Durability, LockedTranscript, Page, Record, TranscriptStore, completed, encode, indexed_values
 
 __all__ = ["RedisLockedTranscript", "RedisTranscriptStore", "TranscriptKeys", "judge_persistence"]

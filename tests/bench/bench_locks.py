@@ -35,6 +35,7 @@ from sessiongate import Settings
 from sessiongate._backend import open_backend
 from sessiongate._errors import SessionBusy
 from sessiongate._store import FileTranscriptStore
+from sessiongate.gateway.settings import GatewaySettings
 from tests.support import wait_until
 from tests.workers import settings_for, spawn
 
@@ -127,7 +128,7 @@ def _raw_appender(folder: str, count: int, start: Any) -> None:
 
 
 def _our_appender(settings_json: str, count: int, start: Any) -> None:
-    settings = Settings.model_validate_json(settings_json)
+    settings = GatewaySettings.model_validate_json(settings_json)  # what settings_for builds
 
     async def main() -> None:
         backend = open_backend(settings)

@@ -69,8 +69,7 @@ HOLDER_STALE_MS = 1000
 HOLDER_SCRIPT = """
 import asyncio, sys
 from sessiongate import Settings
-from sessiongate._backend import open_storage
-from sessiongate._storage import LeaseKind
+from sessiongate.storage import LeaseKind, open_storage
 
 async def main(data_dir, kind, session_id, stale_ms):
     storage = open_storage(Settings.load(overrides={"dataDir": data_dir}))  # backend.url from the env

@@ -18,8 +18,8 @@ from pathlib import Path
 from sessiongate import Settings
 from sessiongate._backend import open_backend
 from sessiongate._errors import FencedOut
-from sessiongate._storage import LeaseKind
 from sessiongate._store import FileTranscriptStore
+from sessiongate.storage import LeaseKind
 from tests.workers import publish
 
 

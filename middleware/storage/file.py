@@ -21,9 +21,11 @@ nobody. The hard parts, each with a test in ``tests/test_file_storage.py`` and
 - **Queues.** A waiter holds a flock on its ticket file ``<stem>.queue/<number>``,
   so a dead waiter is seen (its file is lockable) and skipped.
 
-A lock file holds its holder's JSON (pid, host, process start time, since,
-fence) while held and is emptied on release; non-empty content under a free
-flock therefore means its holder died holding it.
+A lock file holds its holder record (:func:`.base.encode_holder`: pid, host,
+process start time, since, fence) while held; release overwrites its first byte
+with :data:`RELEASED` (the rest is left for the next holder to write over:
+rewriting allocated bytes costs a fraction of truncating the file and allocating
+it again). A record under a free flock therefore means its holder died holding it.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._config import Settings
-from ._errors import BackendUnavailable, SessionGateError
-from ._ids import file_stem
-from ._storage import (
+from .._config import Settings
+from .._errors import BackendUnavailable, SessionGateError
+from .._ids import file_stem
+from .._waiting import Backoff
+from .base import (
     THIS_HOST,
     Holder,
     HolderState,
@@ -56,14 +59,18 @@ from ._storage import (
     RecordStorage,
     StoredLease,
     Ticket,
-    _this_process_started_at,
+    decode_holder,
+    encode_holder,
 )
-from ._waiting import Backoff
+
+__all__ = ["SWEEP_INTERVAL_S", "FileRecords", "FileStorage", "LockPathAttack"]
 
 logger = logging.getLogger(__name__)
 
 _FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | _FLAGS
+#: The first byte of a lock file released cleanly (a holder record starts with "{").
+RELEASED = b"."
 _MAX_ATTEMPTS = 4  # re-opens after finding the file replaced or broken meanwhile
 _GUARD_WAIT_S = 2.0  # longest wait for a guard flock (held for microseconds by live processes)
 SWEEP_INTERVAL_S = 60.0  # how often a process sweeps expired records
@@ -150,14 +157,19 @@ def _counter_value(path: str) -> int:
         return 0
 
 
+def _released(fd: int, st: os.stat_result) -> bool:
+    """Whether a lock file holds no holder: never used, emptied, or marked released."""
+    return st.st_size == 0 or os.pread(fd, 1, 0) == RELEASED
+
+
 def _read_holder(fd: int, st: os.stat_result) -> Holder | None:
     """The holder recorded in a lock file, its heartbeat being the file's mtime."""
-    if st.st_size == 0:
+    record = os.pread(fd, st.st_size, 0) if st.st_size else b""
+    if not record or record[:1] == RELEASED:
         return None
     try:
-        data = json.loads(os.pread(fd, st.st_size, 0))
-        holder = Holder.from_json(data)
-    except (ValueError, KeyError, TypeError):
+        holder = decode_holder(record)
+    except ValueError:
         return None  # being written right now, or garbage: not a holder we may judge
     if st.st_mtime > holder.heartbeat_at:
         return dataclasses.replace(holder, heartbeat_at=st.st_mtime)
@@ -199,7 +211,7 @@ class _FileLease(StoredLease):
         if fd is None:
             return
         try:
-            os.ftruncate(fd, 0)  # empty = released cleanly; if broken meanwhile, it is our own inode
+            os.pwrite(fd, RELEASED, 0)  # released cleanly; if broken meanwhile, it is our own inode
         finally:
             os.close(fd)  # drops the flock
 
@@ -235,7 +247,8 @@ class FileRecords(RecordStorage):
         except FileNotFoundError:
             return None
         try:
-            return json.loads(os.read(fd, os.fstat(fd).st_size or 1))
+            entry: dict[str, Any] = json.loads(os.read(fd, os.fstat(fd).st_size or 1))
+            return entry
         except ValueError:
             return None
         finally:
@@ -337,6 +350,8 @@ class FileRecords(RecordStorage):
 class FileStorage(LeaseStorage):
     """:class:`LeaseStorage` on flock'ed files in ``locks_dir``; records in ``records_dir``."""
 
+    records: FileRecords
+
     def __init__(self, locks_dir: Path, records_dir: Path) -> None:
         _ensure_dir(locks_dir)
         self.locks_dir = locks_dir
@@ -344,9 +359,6 @@ class FileStorage(LeaseStorage):
         self.records = FileRecords(records_dir)
         self._stems: dict[str, str] = {}
         self._tickets: dict[Ticket, int] = {}  # our waiting tickets and their flock'ed fds
-        self._identity = json.dumps(
-            {"pid": os.getpid(), "host": THIS_HOST, "processStartedAt": _this_process_started_at()}
-        )[1:-1]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileStorage:
@@ -367,13 +379,6 @@ class FileStorage(LeaseStorage):
         return f"{self._base(session_id)}.{kind.value}"
 
     # -- leases ----------------------------------------------------------------------------
-
-    def _holder_json(self, session_id: str, kind: LeaseKind, since: float, fence: int) -> bytes:
-        since_json = repr(since)
-        return (
-            f'{{"sessionId":"{session_id}","kind":"{kind.value}",{self._identity},'
-            f'"since":{since_json},"heartbeatAt":{since_json},"fence":{fence}}}'
-        ).encode()
 
     async def try_acquire(
         self, kind: LeaseKind, session_id: str, *, stale_ms: int
@@ -410,7 +415,7 @@ class FileStorage(LeaseStorage):
             if not _same_file_at(path, st.st_ino):  # broken meanwhile by a stale-lease claimant
                 os.close(fd)
                 return None
-            if st.st_size == 0:
+            if _released(fd, st):
                 return self._record(fd, path, st, kind, session_id)
             # its last holder died holding it: stale-lease claimants may be looking, so under the guard
             with _guard(f"{path}.guard") as guarded:
@@ -429,10 +434,8 @@ class FileStorage(LeaseStorage):
     ) -> _FileLease:
         fence = _bump_counter(f"{self._base(session_id)}.fence") if kind is LeaseKind.LANE else 0
         holder = Holder.for_this_process(session_id, kind, fence)
-        metadata = self._holder_json(session_id, kind, holder.since, fence)
-        os.pwrite(fd, metadata, 0)
-        if st.st_size > len(metadata):
-            os.ftruncate(fd, len(metadata))
+        # padded over whatever an earlier holder left (JSON allows trailing blanks): no truncation
+        os.pwrite(fd, encode_holder(holder).encode().ljust(st.st_size), 0)
         return _FileLease(fd, path, st.st_ino, holder)
 
     def _break_if_stale(self, fd: int, path: str, stale_ms: int) -> HolderState | None:
@@ -474,7 +477,7 @@ class FileStorage(LeaseStorage):
                 if state is HolderState.LIVE:
                     return None
                 if _try_flock(fd):
-                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, RELEASED, 0)
                 else:
                     os.unlink(path)
                 return state

@@ -13,8 +13,8 @@ import itertools
 import time
 from typing import Any
 
-from ._config import Settings
-from ._storage import (
+from .._config import Settings
+from .base import (
     Holder,
     HolderState,
     LeaseKind,
@@ -23,6 +23,8 @@ from ._storage import (
     StoredLease,
     Ticket,
 )
+
+__all__ = ["SWEEP_INTERVAL_S", "MemoryRecords", "MemoryStorage"]
 
 SWEEP_INTERVAL_S = 1.0  # how often ``put`` drops expired records
 

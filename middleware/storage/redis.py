@@ -2,7 +2,7 @@
 
 Why Redis, and how: every instance talks to one Redis, so one turn per session
 and one transcript writer hold across hosts. A lease is ``SET NX PX`` of
-``"<random token> <holder JSON>"`` with a time to live of ``staleMs`` (a silent
+``"<random token> <holder record>"`` with a time to live of ``staleMs`` (a silent
 holder simply expires); renew and release check the token in Lua so nobody
 renews or deletes a successor's lease. A lane grant and its fencing token are
 issued by one script, so no grant lacks a fence. The scripts live in
@@ -30,16 +30,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ._config import Settings
-from ._errors import BackendUnavailable
-from ._storage import (
+from .._config import Settings
+from .._errors import BackendUnavailable
+from .base import (
     Holder,
     HolderState,
     LeaseKind,
@@ -47,7 +47,22 @@ from ._storage import (
     RecordStorage,
     StoredLease,
     Ticket,
+    decode_holder,
+    encode_holder,
+    holder_head,
 )
+
+__all__ = [
+    "CONNECTION_OPTIONS",
+    "OUTAGE_ERRORS",
+    "RETRY_AFTER_OUTAGE_MS",
+    "RedisLease",
+    "RedisRecords",
+    "RedisStorage",
+    "lapse_on_outage",
+    "outage_as_backend_unavailable",
+    "unavailable",
+]
 
 logger = logging.getLogger("sessiongate.redis")
 
@@ -150,18 +165,13 @@ class _Keys:
 
 
 def _lease_value(token: str, holder: Holder) -> str:
-    """``"<token> <holder JSON>"``; the JSON ends with ``, "fence": N}`` (acquire.lua relies on it)."""
-    return f"{token} {json.dumps(holder.to_json())}"
-
-
-def _holder_head(holder: Holder) -> str:
-    """The holder JSON up to (without) its fence, which acquire.lua appends once it issued one."""
-    return json.dumps(holder.to_json()).rsplit(', "fence": ', 1)[0]
+    """``"<token> <holder record>"``, the record being :func:`.base.encode_holder`'s."""
+    return f"{token} {encode_holder(holder)}"
 
 
 def _parse_lease_value(value: str) -> tuple[str, Holder]:
-    token, _, holder_json = value.partition(" ")
-    return token, Holder.from_json(json.loads(holder_json))
+    token, _, record = value.partition(" ")
+    return token, decode_holder(record)
 
 
 class RedisLease(StoredLease):
@@ -251,7 +261,7 @@ class RedisStorage(LeaseStorage):
         outcome = await self._run(
             self._acquire,
             keys=[self.keys.lease(kind, session_id), self.keys.fence(session_id)],
-            args=[token, _holder_head(holder), stale_ms, replacing, "1" if kind is LeaseKind.LANE else "0"],
+            args=[token, holder_head(holder), stale_ms, replacing, "1" if kind is LeaseKind.LANE else "0"],
         )
         if isinstance(outcome, str):
             return outcome
@@ -270,7 +280,7 @@ class RedisStorage(LeaseStorage):
         found: list[Holder] = []
         with outage_as_backend_unavailable():
             async for key in self.client.scan_iter(match=self.keys.lease_pattern(), count=500):
-                value = await self.client.get(key)
+                value = await self._get(key)
                 if value is not None:  # expired since the scan saw it
                     found.append(_parse_lease_value(value)[1])
         return found
@@ -309,7 +319,7 @@ class RedisStorage(LeaseStorage):
         """Read-only: tickets whose heartbeat key lives (dead ones are dropped by the next waiter's walk)."""
         prefix = self.keys.ticket_prefix(session_id)
         with outage_as_backend_unavailable():
-            ticket_ids = await self.client.zrange(self.keys.queue(session_id), 0, -1)
+            ticket_ids = cast("list[str]", await self.client.zrange(self.keys.queue(session_id), 0, -1))
             if not ticket_ids:
                 return 0
             return int(await self.client.exists(*(prefix + ticket_id for ticket_id in ticket_ids)))
@@ -336,7 +346,7 @@ class RedisStorage(LeaseStorage):
 
     async def _get(self, key: str) -> str | None:
         with outage_as_backend_unavailable():
-            return await self.client.get(key)
+            return cast("str | None", await self.client.get(key))  # str: the client decodes responses
 
     async def ping(self) -> None:
         with outage_as_backend_unavailable():

@@ -1,9 +1,9 @@
 """The storage interface: where leases, fences, queues and records live.
 
 Following ``limits``, strategy is kept apart from storage. The strategies
-(:mod:`._lanes` waits, queues and estimates; :mod:`._write_lock` bounds the
-wait for the transcript lock) are written once, against this interface; the
-storages (:mod:`._memory`, :mod:`._file`, :mod:`._redis`) only know how to take,
+(:mod:`sessiongate._lanes` waits, queues and estimates; :mod:`sessiongate._write_lock`
+bounds the wait for the transcript lock) are written once, against this interface; the
+storages (:mod:`.memory`, :mod:`.file`, :mod:`.redis`) only know how to take,
 renew and give back one lease, issue fencing tokens, keep a FIFO of waiters and
 keep small records with a time to live.
 
@@ -16,14 +16,37 @@ has not renewed for ``stale_ms`` loses it to the next :meth:`LeaseStorage.try_ac
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import os
 import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from json.encoder import encode_basestring_ascii as json_string
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from .._config import Settings
+
+__all__ = [
+    "THIS_HOST",
+    "Holder",
+    "HolderState",
+    "LeaseKind",
+    "LeaseStorage",
+    "RecordStorage",
+    "StoredLease",
+    "Ticket",
+    "decode_holder",
+    "encode_holder",
+    "holder_head",
+    "owner_dead",
+    "process_alive",
+    "this_process_started_at",
+]
 
 
 class LeaseKind(str, enum.Enum):
@@ -60,39 +83,20 @@ class Holder:
         return HolderState.LIVE
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "sessionId": self.session_id,
-            "kind": self.kind.value,
-            "pid": self.pid,
-            "host": self.host,
-            "processStartedAt": self.process_started_at,
-            "since": self.since,
-            "heartbeatAt": self.heartbeat_at,
-            "fence": self.fence,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Holder:
-        return cls(
-            session_id=data["sessionId"],
-            kind=LeaseKind(data["kind"]),
-            pid=int(data["pid"]),
-            host=str(data["host"]),
-            process_started_at=data.get("processStartedAt"),
-            since=float(data["since"]),
-            heartbeat_at=float(data["heartbeatAt"]),
-            fence=int(data.get("fence", 0)),
-        )
+        """The wire form (:func:`encode_holder`) as a dict, e.g. for the operator CLI's JSON output."""
+        data: dict[str, Any] = json.loads(encode_holder(self))
+        return data
 
     @classmethod
     def for_this_process(cls, session_id: str, kind: LeaseKind, fence: int = 0) -> Holder:
         now = time.time()
+        pid = os.getpid()
         return cls(
             session_id=session_id,
             kind=kind,
-            pid=os.getpid(),
+            pid=pid,
             host=THIS_HOST,
-            process_started_at=_this_process_started_at(),
+            process_started_at=_process_started_at(pid),
             since=now,
             heartbeat_at=now,
             fence=fence,
@@ -100,16 +104,13 @@ class Holder:
 
 
 THIS_HOST = socket.gethostname()
-_started_at_cache: dict[int, float | None] = {}
 
 
-def _this_process_started_at() -> float | None:
-    pid = os.getpid()  # cached per pid, so a fork computes its own
-    if pid not in _started_at_cache:
-        _started_at_cache[pid] = _process_started_at(pid)
-    return _started_at_cache[pid]
+def this_process_started_at() -> float | None:
+    return _process_started_at(os.getpid())
 
 
+@functools.lru_cache(maxsize=8)  # asked for this process's pid only: cached per pid, so a fork computes its own
 def _process_started_at(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -135,6 +136,64 @@ def process_alive(pid: int, started_at: float | None) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+# -- the holder wire codec: the one way every storage writes and reads a holder record --------
+
+
+def encode_holder(holder: Holder) -> str:
+    """The holder record as every storage writes it: compact JSON, the fence last.
+
+    The fence comes last so that Redis' ``acquire.lua`` can complete a
+    :func:`holder_head` with the fence it issues in the same atomic step. Built
+    as one f-string (it is written on every lease grant): the kinds and the
+    fields that only depend on the process are encoded once (:data:`_KIND_JSON`,
+    :func:`_identity_json`), and ``heartbeatAt`` reuses ``since``'s text while
+    they are equal (a fresh grant).
+    """
+    since = repr(holder.since)
+    heartbeat_at = since if holder.heartbeat_at == holder.since else repr(holder.heartbeat_at)
+    return (
+        f'{{"sessionId":{json_string(holder.session_id)},"kind":{_KIND_JSON[holder.kind]},'
+        f"{_identity_json(holder.pid, holder.host, holder.process_started_at)},"
+        f'"since":{since},"heartbeatAt":{heartbeat_at},"fence":{holder.fence}}}'
+    )
+
+
+def holder_head(holder: Holder) -> str:
+    """:func:`encode_holder` without its fence's digits and closing brace (what ``acquire.lua`` completes)."""
+    return encode_holder(holder).removesuffix(f"{holder.fence}}}")
+
+
+def decode_holder(raw: str | bytes) -> Holder:
+    """The holder an :func:`encode_holder` record describes; ``ValueError`` if ``raw`` is not one.
+
+    Also reads records written before the encoding was compact (any JSON spacing).
+    """
+    try:
+        data = json.loads(raw)
+        return Holder(
+            session_id=str(data["sessionId"]),
+            kind=LeaseKind(data["kind"]),
+            pid=int(data["pid"]),
+            host=str(data["host"]),
+            process_started_at=data.get("processStartedAt"),
+            since=float(data["since"]),
+            heartbeat_at=float(data["heartbeatAt"]),
+            fence=int(data.get("fence", 0)),
+        )
+    except (KeyError, TypeError) as exc:  # JSON, but not a holder record
+        raise ValueError(f"not a holder record: {exc!r}") from None
+
+
+_KIND_JSON = {kind: json_string(kind.value) for kind in LeaseKind}
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_json(pid: int, host: str, process_started_at: float | None) -> str:
+    """The ``"pid","host","processStartedAt"`` members of a holder record: the same for a process's every grant."""
+    members = json.dumps({"pid": pid, "host": host, "processStartedAt": process_started_at}, separators=(",", ":"))
+    return members[1:-1]
 
 
 class StoredLease(ABC):
@@ -163,6 +222,11 @@ class Ticket:
 
 class LeaseStorage(ABC):
     """Where leases live. One instance per process, shared by every request."""
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Settings) -> LeaseStorage:
+        """The storage ``settings.backend.url`` describes (see :func:`sessiongate.storage.open_storage`)."""
 
     @abstractmethod
     async def try_acquire(
