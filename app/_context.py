@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from sessiongate import Backend, TranscriptStore
+from sessiongate import Backend, TranscriptStore, open_transcripts
 
 from .channels import ChannelWorker, configured_channels
 from .collect import Inbox
@@ -48,7 +48,7 @@ class Gateway:
         live: LiveTurns | None = None,
     ) -> Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
-        store = TranscriptStore(backend, settings)
+        store = open_transcripts(backend, settings)
         providers = build_failover(settings, transport=transport)
         backend.lanes.durations.longest_ms = providers.longest_ms  # bounds busy answers before any turn finished
         turns = TurnRunner(store, providers, max_messages=settings.history.max_messages)

@@ -17,7 +17,7 @@ from sessiongate import __version__
 
 __all__ = ["COMMANDS", "DEFAULT_COMMAND", "build_parser", "main", "with_default_command"]
 
-COMMANDS: tuple[str, ...] = ("serve", "send", "cancel", "locks", "doctor")
+COMMANDS: tuple[str, ...] = ("serve", "send", "cancel", "locks", "doctor", "transcripts")
 DEFAULT_COMMAND = "serve"
 
 

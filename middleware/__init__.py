@@ -68,8 +68,9 @@ from ._problem import (
     send_problem,
     use_error_format,
 )
-from ._store import LockedTranscript, Page, TranscriptStore, new_record_id, utc_now
+from ._store import FileTranscriptStore
 from .storage import Holder, HolderState, LeaseKind, LeaseStorage, RecordStorage
+from .transcripts import Durability, LockedTranscript, Page, TranscriptStore, new_record_id, open_transcripts, utc_now
 
 try:
     __version__ = version("sessiongate")
@@ -90,8 +91,10 @@ __all__ = [
     "BackendUnavailable",
     "BodyParser",
     "ConfigError",
+    "Durability",
     "ErrorFormat",
     "FencedOut",
+    "FileTranscriptStore",
     "Holder",
     "HolderState",
     "IdempotencyInFlight",
@@ -132,6 +135,7 @@ __all__ = [
     "is_valid_session_id",
     "lane_of",
     "new_record_id",
+    "open_transcripts",
     "open_backend",
     "parsed_body",
     "problem_body",

@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import urlsplit
 
 import limits
 from pydantic import (
@@ -24,11 +25,12 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from ._errors import ConfigError
-from .storage import check_scheme
+from .storage import check_scheme, scheme_of
 
 __all__ = [
     "BackendSettings",
@@ -41,6 +43,7 @@ __all__ = [
     "Settings",
     "SettingsSection",
     "TranscriptSettings",
+    "redis_address",
 ]
 
 ENV_PREFIX = "SESSIONGATE_"
@@ -114,8 +117,28 @@ class BackendSettings(SettingsSection):
         return check_scheme(value)
 
 
+TRANSCRIPT_SCHEMES = ("file", "redis", "rediss")  # the transcript stores (sessiongate.transcripts)
+
+
+def redis_address(url: str) -> tuple[str, str, int, int]:
+    """``(scheme, host, port, db)`` of a ``redis://host:port/db`` URL, defaults filled in."""
+    parts = urlsplit(url)
+    db = parts.path.strip("/") or "0"
+    return parts.scheme, parts.hostname or "localhost", parts.port or 6379, int(db) if db.isdecimal() else -1
+
+
 class TranscriptSettings(SettingsSection):
+    url: str = Field(
+        "file://", description="file:// (<dataDir>/sessions/*.jsonl) or redis://host:port/db (the backend's Redis)"
+    )
     fsync: Literal["always", "never"] = "always"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if scheme_of(value) not in TRANSCRIPT_SCHEMES or (scheme_of(value) == "file" and value != "file://"):
+            raise ValueError("must be file:// or start with redis:// or rediss://")
+        return value
 
 
 class IdempotencySettings(SettingsSection):
@@ -138,6 +161,17 @@ class Settings(SettingsSection):
     backend: BackendSettings = BackendSettings()
     transcript: TranscriptSettings = TranscriptSettings()
     idempotency: IdempotencySettings = IdempotencySettings()
+
+    @model_validator(mode="after")
+    def _transcripts_beside_their_fences(self) -> Self:
+        """Redis transcripts are fenced by the lease storage's fence counter, so both must be one Redis."""
+        url = self.transcript.url
+        if scheme_of(url) != "file" and redis_address(url) != redis_address(self.backend.url):
+            raise ValueError(
+                "transcript.url must name the Redis server and db of backend.url: an append checks its fence"
+                f" there inside Redis (transcript.url {redis_address(url)[1:]}, backend.url {self.backend.url!r})"
+            )
+        return self
 
     @property
     def sessions_dir(self) -> Path:

@@ -16,16 +16,12 @@ records they return, so their cost does not grow with the conversation.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,8 +34,9 @@ from ._ids import HASHED_MARK, existing_file, session_id_from_stem
 from ._metrics import FENCING_REFUSALS
 from ._transcript_index import Records, TranscriptIndex, parse_lines
 from ._write_lock import WriteLockHold
+from .transcripts.base import Durability, LockedTranscript, Page, TranscriptStore, completed, encode
 
-__all__ = ["FILE_THREADS", "LockedTranscript", "Page", "TranscriptStore", "new_record_id", "utc_now"]
+__all__ = ["FILE_THREADS", "FileLockedTranscript", "FileTranscriptStore"]
 
 logger = logging.getLogger("sessiongate.store")
 
@@ -56,18 +53,10 @@ T = TypeVar("T")
 FILE_THREADS = 16
 
 
-@dataclass(frozen=True)
-class Page:
-    """Consecutive records in transcript order; ``more`` when older records remain before them."""
-
-    records: list[dict[str, Any]]
-    more: bool
-
-
 UNHEALTHY_AFTER_FAILURE_S = 30.0  # /readyz reports a failed append this long, unless one succeeds sooner
 
 
-class TranscriptStore:
+class FileTranscriptStore(TranscriptStore):
     """Read, repair and append the JSONL transcripts under ``<dataDir>/sessions``.
 
     Every file operation runs in a worker thread (:data:`FILE_THREADS` of them,
@@ -80,6 +69,7 @@ class TranscriptStore:
         self.fsync = settings.transcript.fsync == "always"
         settings.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.sessions_dir = settings.sessions_dir.resolve()
+        self.location = str(self.sessions_dir)
         self._threads = anyio.CapacityLimiter(FILE_THREADS)
         self._failed_at: float | None = None  # monotonic time of the last failed append, until one succeeds
 
@@ -100,11 +90,11 @@ class TranscriptStore:
         return await anyio.to_thread.run_sync(work, *args, limiter=self._threads)
 
     @asynccontextmanager
-    async def locked(self, session_id: str) -> AsyncIterator[LockedTranscript]:
+    async def locked(self, session_id: str) -> AsyncIterator[FileLockedTranscript]:
         """Hold the session's write lock for several steps (read, then append) as one critical section."""
         path = self.path_for(session_id)
         async with self._backend.write_lock(session_id) as hold:
-            yield LockedTranscript(self, session_id, path, hold)
+            yield FileLockedTranscript(self, session_id, path, hold)
 
     async def read(self, session_id: str) -> list[dict[str, Any]]:
         """Every record, in order, under the write lock; a torn tail is set aside first."""
@@ -138,8 +128,21 @@ class TranscriptStore:
             await transcript._write(payload, fence)
         return stored
 
-    def session_ids(self) -> list[str]:
+    async def restore(self, session_id: str, records: list[dict[str, Any]]) -> bool:
+        if not records:
+            return False
+        payload = "".join(f"{encode(record)}\n" for record in records).encode()
+        async with self.locked(session_id) as transcript:
+            if await transcript.find("id", str(records[0]["id"])) is not None:
+                return False
+            await transcript._write(payload, None)
+        return True
+
+    async def session_ids(self) -> list[str]:
         """Every session that has a transcript, sorted (a hashed name's id is read from beside it)."""
+        return await self.off_loop(self._session_ids)
+
+    def _session_ids(self) -> list[str]:
         found = []
         for name in os.listdir(self.sessions_dir):
             if name.endswith(_SUFFIX):
@@ -150,11 +153,20 @@ class TranscriptStore:
                 found.append(session_id)
         return sorted(found)
 
+    async def durability(self) -> Durability:
+        if self.fsync:
+            return Durability(True, "transcript.fsync = always: each append is fsynced before it is acknowledged")
+        return Durability(False, "transcript.fsync = never: a power loss can drop acknowledged appends")
 
-class LockedTranscript:
+    async def count(self, session_id: str) -> int:
+        """How many records the transcript holds, from its index."""
+        return await self.off_loop(_count, self.path_for(session_id))
+
+
+class FileLockedTranscript(LockedTranscript):
     """One session's transcript while its write lock is held (from :meth:`TranscriptStore.locked`)."""
 
-    def __init__(self, store: TranscriptStore, session_id: str, path: Path, hold: WriteLockHold) -> None:
+    def __init__(self, store: FileTranscriptStore, session_id: str, path: Path, hold: WriteLockHold) -> None:
         self.session_id = session_id
         self.path = path
         self._store = store
@@ -212,29 +224,9 @@ class LockedTranscript:
 
 def _prepared(records: list[dict[str, Any]], fence: int | None) -> tuple[list[dict[str, Any]], bytes]:
     """The records as they will be stored, and their JSONL bytes."""
-    stored = [_completed(record, fence) for record in records]
-    return stored, b"".join(_encode(record) for record in stored)
+    stored = [completed(record, fence) for record in records]
+    return stored, "".join(f"{encode(record)}\n" for record in stored).encode()
 
-
-def new_record_id() -> str:
-    return uuid.uuid4().hex
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC timestamp with milliseconds, e.g. ``2026-01-31T12:00:00.123Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _completed(record: dict[str, Any], fence: int | None) -> dict[str, Any]:
-    done = dict(record)
-    done.setdefault("id", new_record_id())
-    done.setdefault("at", utc_now())
-    done["fence"] = fence
-    return done
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 def _write_all(fd: int, payload: bytes) -> None:
@@ -339,6 +331,11 @@ def _page(path: Path, limit: int, before: str | None) -> Page | None:
         if fd is None:
             return None if before is not None else Page([], more=False)
         return TranscriptIndex(path).use(fd, query)
+
+
+def _count(path: Path) -> int:
+    with _opened(path, repair=False) as fd:
+        return 0 if fd is None else TranscriptIndex(path).use(fd, lambda index: index.count)
 
 
 def _find(path: Path, field: str, value: str) -> dict[str, Any] | None:

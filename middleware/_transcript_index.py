@@ -12,7 +12,7 @@ own locking) with
 
 - ``records(seq, offset)``: record number (1-based, non-blank lines) → byte offset;
 - ``keys(field, value, seq)``: the first record whose ``field`` is ``value``,
-  for the fields in :data:`INDEXED_FIELDS`;
+  for the fields in :data:`sessiongate.transcripts.base.INDEXED_FIELDS`;
 - ``state``: how many bytes of the transcript are indexed, its mtime then, and
   an *anchor* (offset and CRC-32 of the last indexed line).
 
@@ -49,8 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .transcripts.base import indexed_values
+
 __all__ = [
-    "INDEXED_FIELDS", "INDEX_FROM_BYTES", "IndexMismatch", "Records", "SmallTranscript", "Synced", "TranscriptIndex",
+    "INDEX_FROM_BYTES", "IndexMismatch", "Records", "SmallTranscript", "Synced", "TranscriptIndex",
     "Window", "index_path", "parse_lines",
 ]
 
@@ -58,7 +60,6 @@ logger = logging.getLogger("sessiongate.store")
 
 #: Record fields with a lookup: message ids (paging), ``Idempotency-Key``\ s
 #: (crash recovery), the user message a reply answers, and a channel's message id (dedupe).
-INDEXED_FIELDS = ("id", "idempotencyKey", "replyTo", "externalId")
 _SCHEMA_VERSION = 1
 T = TypeVar("T")
 #: Below this size a transcript gets no index (reading it whole is cheaper than keeping one).
@@ -386,7 +387,7 @@ def _keys_of(line: bytes) -> list[tuple[str, str]]:
     record = _record_of(line)
     if record is None:
         return []
-    return [(field, str(record[field])) for field in INDEXED_FIELDS if record.get(field) is not None]
+    return indexed_values(record)
 
 
 def _holds(line: bytes, field: str, value: str) -> bool:

@@ -94,25 +94,33 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
 # compose
 
 
-def test_compose_runs_two_gateways_on_one_redis_and_one_transcript_volume() -> None:
+def test_compose_runs_two_gateways_that_share_only_redis() -> None:
+    """Transcripts in Redis: each gateway has its own data volume, no volume is mounted by two services."""
     compose = yaml_file("compose.yaml")
     services = compose["services"]
     assert set(services) == {"redis", "gateway-a", "gateway-b", "nginx"}
     gateways = [services["gateway-a"], services["gateway-b"]]
+    data_volumes = [next(v.split(":")[0] for v in gateway["volumes"] if v.endswith(":/data")) for gateway in gateways]
+    assert len(set(data_volumes)) == 2 and set(data_volumes) <= set(compose["volumes"])
+    named_mounts = [v.split(":")[0] for service in services.values() for v in service.get("volumes", [])
+                    if not v.startswith("./")]
+    assert len(named_mounts) == len(set(named_mounts)), "a named volume is shared between services"
     for gateway in gateways:
         args = serve_args(gateway["command"])
         assert (args.host, args.port) == ("0.0.0.0", PORT)
         environment = gateway["environment"]
         assert environment["SESSIONGATE_BACKEND__URL"].startswith("redis://redis:6379/")
-        assert "transcripts:/data" in gateway["volumes"]
+        assert environment["SESSIONGATE_TRANSCRIPT__URL"] == environment["SESSIONGATE_BACKEND__URL"]
         assert environment["SESSIONGATE_DATA_DIR"] == "/data"
         config_mount = next(v for v in gateway["volumes"] if v.endswith(":/etc/sessiongate/config.json:ro"))
         assert (DEPLOY / config_mount.split(":")[0]).resolve() == EXAMPLE_CONFIG.resolve()
         assert environment["SESSIONGATE_CONFIG"] == "/etc/sessiongate/config.json"
         assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
         assert (REPO_ROOT / "deploy" / gateway["build"]["context"] / gateway["build"]["dockerfile"]).exists()
-    assert "transcripts" in compose["volumes"]
     assert services["redis"]["healthcheck"]["test"][-1] == "ping"
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    assert redis_command[redis_command.index("--appendfsync") + 1] == "always"  # nothing acknowledged is lost
     nginx = services["nginx"]
     assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
     assert nginx["ports"] and nginx["ports"][0].endswith(":80")
@@ -123,7 +131,7 @@ def test_compose_environment_is_valid_settings() -> None:
     environment = yaml_file("compose.yaml")["services"]["gateway-a"]["environment"]
     env = {key: value for key, value in environment.items() if key != "SESSIONGATE_CONFIG"}
     settings = GatewaySettings.load(EXAMPLE_CONFIG, env=env)
-    assert settings.backend.url == "redis://redis:6379/0"
+    assert settings.backend.url == settings.transcript.url == "redis://redis:6379/0"
     assert str(settings.data_dir) == "/data"
 
 
@@ -194,14 +202,14 @@ def k8s_objects() -> dict[str, dict[str, Any]]:
 
 def test_k8s_has_every_object_and_kustomization_lists_each_file() -> None:
     objects = k8s_objects()
-    assert set(objects) == {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"}
+    assert set(objects) == {"ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget"}  # no shared claim
     listed = set(yaml_file("k8s/kustomization.yaml")["resources"])
     assert listed == {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
 
 
 def test_k8s_deployment_probes_command_volumes_and_security() -> None:
     objects = k8s_objects()
-    deployment = objects["Deployment"]
+    deployment = objects["StatefulSet"]
     pod = deployment["spec"]["template"]
     labels = pod["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -218,9 +226,10 @@ def test_k8s_deployment_probes_command_volumes_and_security() -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
-    claim = volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"]
-    assert claim == objects["PersistentVolumeClaim"]["metadata"]["name"]
-    assert objects["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    (claim,) = deployment["spec"]["volumeClaimTemplates"]  # one volume per pod, never shared
+    assert mounts["/data"] == claim["metadata"]["name"] and mounts["/data"] not in volumes
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert deployment["spec"]["serviceName"] == objects["Service"]["metadata"]["name"]
     config_map = volumes[mounts["/etc/sessiongate"]]["configMap"]["name"]
     assert config_map == objects["ConfigMap"]["metadata"]["name"]
     env = {item["name"]: item["value"] for item in container["env"]}
@@ -229,20 +238,20 @@ def test_k8s_deployment_probes_command_volumes_and_security() -> None:
 
 def test_k8s_service_and_disruption_budget_select_the_pods() -> None:
     objects = k8s_objects()
-    labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    labels = objects["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
     service = objects["Service"]["spec"]
     assert service["selector"].items() <= labels.items()
     assert service["ports"][0]["targetPort"] == "http"
     budget = objects["PodDisruptionBudget"]["spec"]
     assert budget["selector"]["matchLabels"].items() <= labels.items()
-    assert 1 <= budget["minAvailable"] < objects["Deployment"]["spec"]["replicas"]
+    assert 1 <= budget["minAvailable"] < objects["StatefulSet"]["spec"]["replicas"]
 
 
 def test_k8s_config_map_is_the_example_config_and_valid() -> None:
     config = json.loads(k8s_objects()["ConfigMap"]["data"]["config.json"])
     assert config == json.loads(EXAMPLE_CONFIG.read_text())
     settings = GatewaySettings.load(EXAMPLE_CONFIG, env={})
-    assert settings.backend.url.startswith("redis://")
+    assert settings.backend.url.startswith("redis://") and settings.transcript.url == settings.backend.url
     assert str(settings.data_dir) == "/data"
     assert settings.server.trusted_proxies  # the ingress in front of the pods names the clients
 
@@ -288,7 +297,7 @@ def test_systemd_unit_runs_serve_as_a_service_user_and_restarts_on_failure() -> 
 @pytest.mark.redis
 def test_gateway_from_the_example_config_answers_the_probes(tmp_path: Path, redis_url: str) -> None:
     config = json.loads(EXAMPLE_CONFIG.read_text())
-    config["backend"]["url"] = redis_url
+    config["backend"]["url"] = config["transcript"]["url"] = redis_url
     with GatewayProcess(tmp_path / "data", config) as gateway:
         assert httpx.get(f"{gateway.url}/healthz", timeout=5).status_code == 200
         assert httpx.get(f"{gateway.url}/readyz", timeout=5).status_code == 200

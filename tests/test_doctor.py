@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, Settings, open_backend
 from tests.support import free_port, run_cli
 
 
@@ -29,7 +29,7 @@ def transcript_path(data_dir: Path, session_id: str) -> Path:
     async def path() -> Path:
         backend = open_backend(settings)
         try:
-            return TranscriptStore(backend, settings).path_for(session_id)
+            return FileTranscriptStore(backend, settings).path_for(session_id)
         finally:
             await backend.aclose()
 
@@ -40,8 +40,8 @@ def test_fresh_data_dir_is_all_ok(tmp_path: Path) -> None:
     result = doctor(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert levels(result) == {
-        "config": "ok", "data dir": "ok", "backend": "ok", "locks": "ok", "transcripts": "ok", "provider": "ok",
-        "auth": "ok",
+        "config": "ok", "data dir": "ok", "backend": "ok", "locks": "ok", "transcripts": "ok", "durability": "ok",
+        "provider": "ok", "auth": "ok",
     }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, Settings, open_backend
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import GatewayProcess, wait_until
 
@@ -36,7 +36,7 @@ async def test_write_lock_is_free_while_the_model_runs(tmp_path: Path) -> None:
             backend = open_backend(settings)
             try:
                 started = time.monotonic()
-                await TranscriptStore(backend, settings).append(
+                await FileTranscriptStore(backend, settings).append(
                     "scope", [{"role": "user", "text": "written during the model call"}])
                 waited_ms = (time.monotonic() - started) * 1000
             finally:

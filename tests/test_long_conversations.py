@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sessiongate import TranscriptStore, _transcript_index, open_backend
+from sessiongate import FileTranscriptStore, TranscriptStore, _transcript_index, open_backend
 from sessiongate._transcript_index import index_path
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import (
@@ -173,7 +173,7 @@ async def test_a_short_transcript_answers_the_same_without_an_index(
     settings = settings_for(tmp_path / "data", transcript={"fsync": "never"})
     ids = write_transcript(settings.data_dir, "s", 300, key_at=40)
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     try:
         small = await _answers(store, ids)
         _check(small, ids)
@@ -189,7 +189,7 @@ async def test_the_index_rebuilt_after_deletion_or_corruption_gives_the_same_ans
     settings = settings_for(tmp_path / "data", transcript={"fsync": "never"})
     ids = write_transcript(settings.data_dir, "s", 5_000, key_at=40)
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     transcript_path = store.path_for("s")
     index = index_path(transcript_path)
     try:

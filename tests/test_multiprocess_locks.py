@@ -18,7 +18,7 @@ import pytest
 
 from sessiongate._backend import open_backend
 from sessiongate._errors import SessionBusy
-from sessiongate._store import TranscriptStore
+from sessiongate._store import FileTranscriptStore
 from sessiongate.storage import HolderState, LeaseKind
 from tests.support import wait_until
 from tests.workers import publish, settings_for, spawn, wait_for_report
@@ -91,7 +91,7 @@ async def test_sigstopped_holder_loses_the_lane_after_stale_ms_and_is_fenced_out
         os.kill(worker.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         backend = open_backend(settings)
-        store = TranscriptStore(backend, settings)
+        store = FileTranscriptStore(backend, settings)
         grant = await backend.acquire_lane("s1", max_wait_ms=10_000)
         waited = time.monotonic() - stopped_at
         assert 0.6 < waited < 5, waited  # the old heartbeat (<= staleMs/3 old) plus staleMs

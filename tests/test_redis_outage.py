@@ -9,57 +9,20 @@ default rate limits on, so the limits' Redis storage is exercised too.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from sessiongate.storage import LeaseKind
 from sessiongate.storage.redis import _Keys
 from tests.fakes.telegram_api import BOT_TOKEN, SECRET, SECRET_HEADER, FakeTelegramApi, deliver_like_telegram, update
-from tests.support import GatewayProcess, assert_problem, free_port, messages_url, wait_for, wait_until
+from tests.support import DedicatedRedis, GatewayProcess, assert_problem, free_port, messages_url, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
 NEVER = {500, 502}  # a lock backend outage is never an internal error or a provider failure
-
-
-class DedicatedRedis:
-    """A throwaway ``redis-server`` on 127.0.0.1:<port>, stopped and started by the test."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            wait_until(lambda: self._pings(client), timeout=10, what=f"redis-server on port {self.port}")
-        finally:
-            client.close()
-
-    @staticmethod
-    def _pings(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # a crash: no goodbye to clients
-            self.process.wait(timeout=10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import anyio
 import httpx
 import pytest
 
-from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, Settings, open_backend
 from sessiongate.gateway._server import create_app
 from sessiongate.gateway.channels.telegram import MAX_MESSAGE_CHARS
 from sessiongate.gateway.settings import GatewaySettings
@@ -223,7 +223,7 @@ async def test_crash_after_append_before_dedupe_record_neither_loses_nor_doubles
     settings = Settings(data_dir=tmp_path / "data")
     backend = open_backend(settings)
     try:
-        await TranscriptStore(backend, settings).append(
+        await FileTranscriptStore(backend, settings).append(
             f"telegram:{chat_id}",
             [{"role": "user", "text": "half done", "channel": "telegram", "externalId": "telegram:600",
               "updateId": 600}],

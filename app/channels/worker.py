@@ -166,7 +166,7 @@ class ChannelWorker:
         """Kick every channel session with an unanswered message or an undelivered reply."""
         try:
             resumed = 0
-            for session_id in await asyncio.to_thread(self._store.session_ids):
+            for session_id in await self._store.session_ids():
                 channel = self._channel_of(session_id)
                 if channel is None:
                     continue

@@ -30,9 +30,11 @@ from sessiongate import (
     Backend,
     BackendUnavailable,
     ConfigError,
+    FileTranscriptStore,
     HolderState,
     TranscriptStore,
     open_backend,
+    open_transcripts,
 )
 
 from .._auth import open_api_warning
@@ -93,8 +95,11 @@ async def _checks(settings: GatewaySettings, config_path: str | None) -> list[Ch
         checks.append(reachable)
         if reachable.level is not Level.FAIL:
             checks.append(await _lock_states(settings, backend))
-        if data_dir_usable:  # (a TranscriptStore would create the missing folder)
-            checks.append(_transcripts(TranscriptStore(backend, settings)))
+        on_disk = settings.transcript.url.startswith("file://")
+        if data_dir_usable if on_disk else reachable.level is not Level.FAIL:  # a file store would create the folder
+            store = open_transcripts(backend, settings)
+            checks.append(await _transcripts(store))
+            checks.append(await _durability(store))
     finally:
         await backend.aclose()
     checks.extend(_providers(settings))
@@ -144,8 +149,18 @@ async def _lock_states(settings: GatewaySettings, backend: Backend) -> Check:
     return Check(Level.OK, "locks", summary)
 
 
-def _transcripts(store: TranscriptStore) -> Check:
-    infos = [transcript_info(store, session_id) for session_id in store.session_ids()]
+async def _durability(store: TranscriptStore) -> Check:
+    """Whether an acknowledged turn survives a crash (for Redis: the server's own AOF settings)."""
+    durability = await store.durability()
+    return Check(Level.OK if durability.durable else Level.WARN, "durability", durability.detail)
+
+
+async def _transcripts(store: TranscriptStore) -> Check:
+    session_ids = await store.session_ids()
+    if not isinstance(store, FileTranscriptStore):
+        records = sum([await store.count(session_id) for session_id in session_ids])
+        return Check(Level.OK, "transcripts", f"{len(session_ids)} sessions, {records} records in {store.location}")
+    infos = [await transcript_info(store, session_id) for session_id in session_ids]
     records = sum(info["records"] for info in infos)
     broken = [info["path"] for info in infos if info["badLines"]]
     torn = [info["path"] for info in infos if info["tornTail"]]

@@ -30,6 +30,7 @@ from sessiongate import (
     Backend,
     BackendUnavailable,
     ConfigError,
+    FileTranscriptStore,
     Holder,
     HolderState,
     InvalidSessionId,
@@ -38,6 +39,7 @@ from sessiongate import (
     Settings,
     TranscriptStore,
     open_backend,
+    open_transcripts,
     validate_session_id,
 )
 
@@ -108,8 +110,10 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [COLUMNS, *rows])
 
 
-def transcript_info(store: TranscriptStore, session_id: str) -> dict[str, Any]:
-    """Path, size and shape of a transcript, read without a lock and without repairing it."""
+async def transcript_info(store: TranscriptStore, session_id: str) -> dict[str, Any]:
+    """Where a transcript lives and its size; a file's shape too, read without a lock and without repairing it."""
+    if not isinstance(store, FileTranscriptStore):
+        return {"location": store.location, "records": await store.count(session_id)}
     path = store.path_for(session_id)
     info: dict[str, Any] = {"path": str(path), "exists": path.exists()}
     if not info["exists"]:
@@ -213,7 +217,7 @@ async def _inspect(args: argparse.Namespace, settings: Settings, backend: Backen
         "fence": await storage.current_fence(session_id),
         "queued": await storage.queue_length(session_id, stale_ms=stale_ms),
         "holders": {kind.value: view and view.to_json() for kind, view in views.items()},
-        "transcript": transcript_info(TranscriptStore(backend, settings), session_id),
+        "transcript": await transcript_info(open_transcripts(backend, settings), session_id),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -234,6 +238,8 @@ def _holder_line(view: HolderView) -> str:
 
 
 def _transcript_line(info: dict[str, Any]) -> str:
+    if "path" not in info:  # not a file: Redis
+        return f"{info['location']} ({info['records']} records)"
     if not info["exists"]:
         return f"{info['path']} (none yet)"
     bad = f", {info['badLines']} lines not JSON" if info["badLines"] else ""

@@ -27,6 +27,7 @@ BENCHMARKS = [
     "tests.bench.bench_gate",
     "tests.bench.bench_locks",
     "tests.bench.bench_redis",
+    "tests.bench.bench_redis_transcripts",
     "tests.bench.bench_memory",
     "tests.bench.bench_clients",
     "tests.bench.bench_history",
@@ -60,7 +61,7 @@ def machine() -> str:
 
 def quick_correctness() -> list[dict]:
     """Two gateways, 16 clients, 4 sessions, 15 s: nothing lost, nothing duplicated."""
-    from tests.chaos.soak import audit, run_soak
+    from tests.chaos.soak import audit, file_transcripts, run_soak
     from tests.support import NO_RATE_LIMITS, GatewayProcess
 
     config = {
@@ -75,7 +76,7 @@ def quick_correctness() -> list[dict]:
         finally:
             for gateway in gateways:
                 gateway.stop()
-        result = audit(data_dir, report)
+        result = audit(file_transcripts(data_dir), report)
     return [
         {
             "name": "quick soak: acknowledged messages lost / duplicated / out of order",

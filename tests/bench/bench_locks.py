@@ -34,7 +34,7 @@ import filelock
 from sessiongate import Settings
 from sessiongate._backend import open_backend
 from sessiongate._errors import SessionBusy
-from sessiongate._store import TranscriptStore
+from sessiongate._store import FileTranscriptStore
 from sessiongate.gateway.settings import GatewaySettings
 from tests.support import wait_until
 from tests.workers import settings_for, spawn
@@ -132,7 +132,7 @@ def _our_appender(settings_json: str, count: int, start: Any) -> None:
 
     async def main() -> None:
         backend = open_backend(settings)
-        store = TranscriptStore(backend, settings)
+        store = FileTranscriptStore(backend, settings)
         start.wait()
         for _ in range(count):
             await store.append("bench", [{"role": "user", "text": "x", "pid": os.getpid()}])
@@ -184,7 +184,7 @@ def contended(folder: Path, count: int, processes: int = 4, rounds: int = 3) -> 
 async def _hold_times(folder: Path, fsync: str, count: int) -> tuple[list[float], list[float]]:
     settings = settings_for(folder / fsync, transcript={"fsync": fsync})
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     holds, bare = [], []
     record = [{"role": "user", "text": "a typical short chat message"}]
     bare_path = folder / f"bare-{fsync}.jsonl"

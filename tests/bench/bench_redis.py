@@ -35,7 +35,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
-from sessiongate import Settings, TranscriptStore, open_backend
+from sessiongate import FileTranscriptStore, Settings, open_backend
 from tests.support import REDIS_SERVER
 
 BENCH_REDIS_URL = REDIS_SERVER + "/14"  # a database no test run reserves (see tests/conftest.py)
@@ -65,6 +65,30 @@ async def _ops_per_second(operation: Operation, seconds: float, tag: str) -> flo
     return sum(counts) / (time.monotonic() - started)
 
 
+async def ops_pair(ours: Operation, raw: Operation, seconds: float, tag: str, round_number: int) -> tuple[float, float]:
+    """(ours, raw) ops/s measured back to back; which goes first alternates with ``round_number``."""
+    if round_number % 2:
+        ours_rate = await _ops_per_second(ours, seconds, tag)
+        return ours_rate, await _ops_per_second(raw, seconds, tag)
+    raw_rate = await _ops_per_second(raw, seconds, tag)
+    return await _ops_per_second(ours, seconds, tag), raw_rate
+
+
+def ratio_row(name: str, measured: list[tuple[float, float]], baseline: str, goal_ratio: float | None) -> dict:
+    """A table row from (ours, raw) ops/s pairs: medians, and the median per-pair ratio raw ÷ ours."""
+    ratio = statistics.median(raw / ours for ours, raw in measured)
+    return {
+        "name": f"redis {name} ({SESSIONS} sessions at once)",
+        "value": round(statistics.median(ours for ours, _ in measured)),
+        "unit": "ops/s",
+        "baseline": baseline,
+        "baseline_value": round(statistics.median(raw for _, raw in measured)),
+        "ratio": round(ratio, 2),
+        "goal": None if goal_ratio is None else f"≤ {goal_ratio}× raw",
+        "met": None if goal_ratio is None else ratio <= goal_ratio,
+    }
+
+
 def _append_line(path: Path, record: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -80,7 +104,7 @@ async def _measure(seconds: float, rounds: int, data_dir: Path) -> dict[str, lis
         "sessionWriteLock": {"staleMs": STALE_MS}, "transcript": {"fsync": "never"},
     })
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     raw_client = aioredis.Redis.from_url(BENCH_REDIS_URL)
     raw_dir, ours_dir = data_dir / "raw", data_dir / "ours"
     raw_dir.mkdir(parents=True)
@@ -128,13 +152,7 @@ async def _measure(seconds: float, rounds: int, data_dir: Path) -> dict[str, lis
     try:
         for round_number in range(rounds):
             for name, (ours_op, raw_op, tag) in scenarios.items():
-                if round_number % 2:
-                    ours = await _ops_per_second(ours_op, seconds, tag)
-                    raw = await _ops_per_second(raw_op, seconds, tag)
-                else:
-                    raw = await _ops_per_second(raw_op, seconds, tag)
-                    ours = await _ops_per_second(ours_op, seconds, tag)
-                pairs[name].append((ours, raw))
+                pairs[name].append(await ops_pair(ours_op, raw_op, seconds, tag, round_number))
     finally:
         await raw_client.flushdb()
         await raw_client.aclose()
@@ -146,20 +164,11 @@ def run(quick: bool = False) -> list[dict]:
     seconds, rounds = (0.4, 2) if quick else (1.0, 7)
     with tempfile.TemporaryDirectory() as tmp:
         pairs = asyncio.run(_measure(seconds, rounds, Path(tmp)))
-    rows = []
-    for name, measured in pairs.items():
-        ratio = statistics.median(raw / ours for ours, raw in measured)
-        rows.append({
-            "name": f"redis {name} ({SESSIONS} sessions at once)",
-            "value": round(statistics.median(ours for ours, _ in measured)),
-            "unit": "ops/s",
-            "baseline": "redis.asyncio Lock (new object per acquisition)",
-            "baseline_value": round(statistics.median(raw for _, raw in measured)),
-            "ratio": round(ratio, 2),
-            "goal": None if name in INFORMATIONAL else f"≤ {GOAL_RATIO}× raw",
-            "met": None if name in INFORMATIONAL else ratio <= GOAL_RATIO,
-        })
-    return rows
+    baseline = "redis.asyncio Lock (new object per acquisition)"
+    return [
+        ratio_row(name, measured, baseline, None if name in INFORMATIONAL else GOAL_RATIO)
+        for name, measured in pairs.items()
+    ]
 
 
 if __name__ == "__main__":

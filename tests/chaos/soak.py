@@ -3,8 +3,9 @@
 Clients send uniquely numbered messages, each with an ``Idempotency-Key`` that
 stays the same across retries; they honour ``retryAfterMs`` on 409/429/503 and
 move to another gateway when one stops answering. A chaos task may ``kill -9``
-or ``SIGSTOP`` gateways meanwhile. The audit then reads the JSONL transcripts
-straight from the data dir: every line valid, every acknowledged message there
+or ``SIGSTOP`` gateways (or ``kill -9`` Redis) meanwhile. The audit then reads
+the transcripts straight from where they are kept (the JSONL files of a data
+dir, or the Redis streams): every record valid, every acknowledged message there
 exactly once with its reply, no message twice, and each client's acknowledged
 messages in the order it sent them. Used by ``tests/chaos`` and by the
 ``--quick`` correctness run of ``python -m tests.bench``.
@@ -19,14 +20,18 @@ import signal
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 
-from tests.support import GatewayProcess
+from sessiongate.transcripts.redis import TranscriptKeys
+from tests.support import GatewayProcess, metric_value, scrape_metrics
 
 RETRYABLE = {409, 429, 503}
+FENCING_REFUSALS_METRIC = "sessiongate_fencing_refusals_total"
 
 
 @dataclass
@@ -37,6 +42,7 @@ class SoakReport:
     statuses: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     transport_errors: int = 0
     chaos_events: list[str] = field(default_factory=list)
+    late_writes_refused: int = 0  # fencing refusals a SIGSTOPped gateway counted once it ran again
     five_hundreds: list[str] = field(default_factory=list)
 
 
@@ -107,13 +113,30 @@ async def _client(
             report.order[(index, session_id)].append(text)
 
 
-async def _chaos(gateways: list[GatewayProcess], report: SoakReport, stop_at: float, pause_s: float) -> None:
-    """Every few seconds: kill -9 and restart a gateway, or SIGSTOP it past staleMs and SIGCONT it."""
+Chaos = Callable[[SoakReport, float], Awaitable[None]]
+
+
+def gateway_chaos(gateways: list[GatewayProcess], pause_s: float) -> Chaos:
+    """Every few seconds: kill -9 and restart a gateway, or SIGSTOP it for ``pause_s`` (past staleMs) and SIGCONT it."""
+
+    async def chaos(report: SoakReport, stop_at: float) -> None:
+        await _gateway_chaos(gateways, report, stop_at, pause_s)
+
+    return chaos
+
+
+async def _fencing_refusals(gateway: GatewayProcess) -> float:
+    _, samples = await asyncio.to_thread(scrape_metrics, gateway.url)
+    return metric_value(samples, FENCING_REFUSALS_METRIC)
+
+
+async def _gateway_chaos(gateways: list[GatewayProcess], report: SoakReport, stop_at: float, pause_s: float) -> None:
     rng = random.Random(7)
+    kill = False  # alternate, SIGSTOP first: every soak has both, however short
     while time.monotonic() < stop_at - 4:
         await asyncio.sleep(rng.uniform(2.0, 4.0))
         victim = rng.choice(gateways)
-        if rng.random() < 0.5:
+        if kill:
             report.chaos_events.append(f"kill -9 {victim.port}")
             victim.signal(signal.SIGKILL)
             await asyncio.to_thread(victim.process.wait)
@@ -121,9 +144,13 @@ async def _chaos(gateways: list[GatewayProcess], report: SoakReport, stop_at: fl
             await asyncio.to_thread(victim.start)
         else:
             report.chaos_events.append(f"SIGSTOP {victim.port} {pause_s:.1f}s")
+            refused = await _fencing_refusals(victim)
             victim.signal(signal.SIGSTOP)
             await asyncio.sleep(pause_s)
             victim.signal(signal.SIGCONT)
+            await asyncio.sleep(1.0)  # its turns that were under way try to append now
+            report.late_writes_refused += int(await _fencing_refusals(victim) - refused)
+        kill = not kill
 
 
 async def run_soak(
@@ -132,20 +159,24 @@ async def run_soak(
     sessions: int = 8,
     clients: int = 32,
     seconds: float = 30.0,
-    chaos: bool = False,
-    pause_s: float = 3.0,
+    chaos: Chaos | None = None,
     grace: float = 20.0,
+    request_timeout_s: float = 5.0,
 ) -> SoakReport:
-    """Drive ``clients`` concurrent clients over ``sessions`` sessions for ``seconds``."""
+    """Drive ``clients`` concurrent clients over ``sessions`` sessions for ``seconds``.
+
+    A client gives up on an answer after ``request_timeout_s`` and retries on the
+    other gateway: shorter than a SIGSTOP, that is what takes a frozen turn's lane over.
+    """
     report = SoakReport()
     session_ids = [f"soak-{n}" for n in range(sessions)]
     stop_at = time.monotonic() + seconds
-    timeout = httpx.Timeout(5.0, connect=1.0)
+    timeout = httpx.Timeout(request_timeout_s, connect=1.0)
     http_clients = [httpx.AsyncClient(base_url=g.url, timeout=timeout) for g in gateways]
     try:
         tasks = [_client(i, session_ids, http_clients, report, stop_at, grace) for i in range(clients)]
-        if chaos:
-            tasks.append(_chaos(gateways, report, stop_at, pause_s))
+        if chaos is not None:
+            tasks.append(chaos(report, stop_at))
         await asyncio.gather(*tasks)
     finally:
         for client in http_clients:
@@ -153,25 +184,42 @@ async def run_soak(
     return report
 
 
-def audit(data_dir: Path, report: SoakReport) -> AuditResult:
-    """Check the transcripts on disk against what the clients were told."""
+Transcripts = Iterator[tuple[str, list[str]]]
+
+
+def file_transcripts(data_dir: Path) -> Transcripts:
+    """``(name, JSON lines)`` of every JSONL transcript in ``data_dir``."""
+    for path in sorted((data_dir / "sessions").glob("*.jsonl")):
+        yield path.name, path.read_text(encoding="utf-8").splitlines()
+
+
+def redis_transcripts(url: str, key_prefix: str) -> Transcripts:
+    """``(stream key, JSON records)`` of every transcript stream under ``key_prefix`` in the Redis at ``url``."""
+    keys = TranscriptKeys(key_prefix)
+    with redis.Redis.from_url(url, decode_responses=True) as client:
+        for key in sorted(client.scan_iter(match=keys.stream_pattern(), _type="stream")):
+            yield key, [fields["r"] for _, fields in client.xrange(key)]
+
+
+def audit(transcripts: Transcripts, report: SoakReport) -> AuditResult:
+    """Check the stored transcripts (:func:`file_transcripts`, :func:`redis_transcripts`) against what the clients were told."""
     result = AuditResult()
     seen: dict[str, int] = defaultdict(int)
     positions: dict[str, tuple[str, int]] = {}
     answered: set[str] = set()
     user_ids: dict[str, str] = {}
-    for path in sorted((data_dir / "sessions").glob("*.jsonl")):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for name, lines in transcripts:
+        for number, line in enumerate(lines):
             result.lines += 1
             try:
                 record = json.loads(line)
                 assert isinstance(record, dict) and {"id", "role", "text", "at"} <= record.keys()
             except (json.JSONDecodeError, AssertionError):
-                result.invalid_lines.append(f"{path.name}:{number + 1}: {line[:120]}")
+                result.invalid_lines.append(f"{name}:{number + 1}: {line[:120]}")
                 continue
             if record["role"] == "user":
                 seen[record["text"]] += 1
-                positions[record["text"]] = (path.name, number)
+                positions[record["text"]] = (name, number)
                 user_ids[record["id"]] = record["text"]
             elif record["role"] == "assistant" and record.get("replyTo") in user_ids:
                 answered.add(user_ids[record["replyTo"]])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -254,3 +255,46 @@ class GatewayProcess:
             except ProcessLookupError:
                 pass
         self.stop()
+
+
+class DedicatedRedis:
+    """A throwaway ``redis-server`` on 127.0.0.1:<port>, stopped and started by the test.
+
+    Without ``aof_dir`` it keeps nothing (a restart loses every key, as a crashed
+    cache would); with it, it keeps an append-only file there with ``appendfsync``
+    (a restart replays it).
+    """
+
+    def __init__(self, port: int, *, aof_dir: Path | None = None, appendfsync: str = "always") -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.persistence = ["--appendonly", "no"] if aof_dir is None else [
+            "--appendonly", "yes", "--appendfsync", appendfsync, "--dir", str(aof_dir),
+        ]
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.persistence],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        try:
+            wait_until(lambda: self._pings(client), timeout=10, what=f"redis-server on port {self.port}")
+        finally:
+            client.close()
+
+    @staticmethod
+    def _pings(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # a crash: no goodbye to clients
+            self.process.wait(timeout=10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)

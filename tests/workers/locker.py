@@ -18,7 +18,7 @@ from pathlib import Path
 from sessiongate import Settings
 from sessiongate._backend import open_backend
 from sessiongate._errors import FencedOut
-from sessiongate._store import TranscriptStore
+from sessiongate._store import FileTranscriptStore
 from sessiongate.storage import LeaseKind
 from tests.workers import publish
 
@@ -31,7 +31,7 @@ async def _wait_for_file(path: Path) -> None:
 async def appender(settings: Settings, session_id: str, count: str, log_path: str) -> None:
     """``count`` locked appends; logs each hold's (start, end) in monotonic ns."""
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     spans = []
     for seq in range(int(count)):
         async with store.locked(session_id) as transcript:
@@ -57,7 +57,7 @@ async def hold(settings: Settings, ready_path: str, *session_ids: str) -> None:
 async def fenced(settings: Settings, session_id: str, ready_path: str, go_path: str, result_path: str) -> None:
     """Take the lane, append, say so; when told to go on, append again with the same fence."""
     backend = open_backend(settings)
-    store = TranscriptStore(backend, settings)
+    store = FileTranscriptStore(backend, settings)
     grant = await backend.acquire_lane(session_id)
     await store.append(session_id, [{"role": "user", "text": "before", "pid": os.getpid()}], fence=grant.fence)
     publish(ready_path, str(grant.fence))
