@@ -116,10 +116,14 @@ class SessionMessages(HTTPEndpoint):
 
 
 def page_limit(raw: str | None) -> int:
-    """``?limit=``: an integer from 1 to ``MAX_PAGE_LIMIT``; absent means ``DEFAULT_PAGE_LIMIT``."""
+    """``?limit=``: an integer from 1 to ``MAX_PAGE_LIMIT``; absent means ``DEFAULT_PAGE_LIMIT``.
+
+    Only ASCII digits, and few of them: ``int()`` refuses a string of thousands of digits (a 500, not a 400).
+    """
     if raw is None:
         return DEFAULT_PAGE_LIMIT
-    if not raw.isdecimal() or not 1 <= int(raw) <= MAX_PAGE_LIMIT:
+    digits = raw.isascii() and raw.isdecimal() and len(raw) <= len(str(MAX_PAGE_LIMIT))
+    if not digits or not 1 <= int(raw) <= MAX_PAGE_LIMIT:
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_PAGE_LIMIT}, got {raw!r}")
     return int(raw)
 
