@@ -36,6 +36,7 @@ DEFAULT_PAGE_LIMIT = 100
 MAX_PAGE_LIMIT = 1_000
 
 EVENT_STREAM = "text/event-stream"
+JSON = "application/json"
 
 
 class NoTurnRunning(SessionGateError):
@@ -45,7 +46,27 @@ class NoTurnRunning(SessionGateError):
 
 
 def wants_event_stream(request: Request) -> bool:
-    return EVENT_STREAM in request.headers.get("accept", "")
+    """Whether ``Accept`` asks for the event stream at least as much as for JSON (``q=0`` refuses it)."""
+    weights = accept_weights(request.headers.get("accept", ""))
+    return weights.get(EVENT_STREAM, 0.0) > 0.0 and weights[EVENT_STREAM] >= weights.get(JSON, 0.0)
+
+
+def accept_weights(accept: str) -> dict[str, float]:
+    """``Accept``'s media ranges (case-insensitive) and their ``q`` (RFC 9110 12.5.1; a malformed ``q`` counts as 1)."""
+    weights: dict[str, float] = {}
+    for media_range in accept.split(","):
+        media_type, *parameters = (part.strip() for part in media_range.split(";"))
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 1.0
+                weight = weight if 0.0 <= weight <= 1.0 else 1.0
+        weights[media_type.lower()] = max(weight, weights.get(media_type.lower(), 0.0))
+    return weights
 
 
 def event_stream(events: AsyncIterator[TurnEvent]) -> StreamingResponse:
