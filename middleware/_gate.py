@@ -265,8 +265,11 @@ class SessionGate:
         mode = self.settings.lane.mode
         if mode in ("interrupt", "collect") and self.turns is None:
             return await lanes.acquire(session_id, queued=True, departure=departure)
+        # interrupt and collect act on a busy lane at once: waiting lane.maxWaitMs for it would let a message
+        # that came during a turn run after it as its own turn (not interrupting it, not collected)
+        wait_ms = 0 if mode in ("interrupt", "collect") else None
         try:
-            return await lanes.acquire(session_id, departure=departure)
+            return await lanes.acquire(session_id, departure=departure, max_wait_ms=wait_ms)
         except SessionBusy as busy:
             if self.turns is None:
                 raise

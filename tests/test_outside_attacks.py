@@ -9,11 +9,13 @@ Each test is one defect an outside check found, driven over HTTP on
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url
+from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, transcript, wait_until
 
 ECHO = {"providers": [{"id": "echo", "type": "echo", "delayMs": 200}], "rateLimits": NO_RATE_LIMITS}
 
@@ -44,3 +46,41 @@ def test_the_answer_follows_the_accept_header(gateway: GatewayProcess, accept: s
     media_type = answer.headers["content-type"].split(";")[0]
     assert media_type == ("text/event-stream" if streams else "application/json")
     assert ("event: done" in answer.text) if streams else answer.json()["reply"]["text"] == "hi"
+
+
+def lane_gateway(data_dir: Path, mode: str) -> GatewayProcess:
+    """A slow echo whose ``lane.maxWaitMs`` outlasts a turn: it must not delay ``interrupt`` nor split ``collect``."""
+    config = {**ECHO, "providers": [{"id": "echo", "type": "echo", "delayMs": 1500}],
+              "lane": {"mode": mode, "maxWaitMs": 10_000, "debounceMs": 100}}
+    return GatewayProcess(data_dir, config)
+
+
+def turn_runs(messages: str) -> bool:
+    """Whether the session of ``messages`` has a running turn (the status only: its stream lasts the turn)."""
+    with httpx.stream("GET", f"{messages.removesuffix('/messages')}/turns/current", timeout=5) as answer:
+        return answer.status_code == 200
+
+
+def test_interrupt_mode_cancels_at_once_whatever_lane_max_wait(tmp_path: Path) -> None:
+    with lane_gateway(tmp_path / "data", "interrupt") as gateway, ThreadPoolExecutor(2) as pool:
+        url = messages_url(gateway.url, "interrupted")
+        first = pool.submit(httpx.post, url, json={"text": "first"}, timeout=20)
+        wait_until(lambda: turn_runs(url), timeout=10, what="the first turn runs")
+        second = httpx.post(url, json={"text": "second"}, timeout=20)
+        assert second.status_code == 200 and second.json()["reply"]["text"] == "second"
+        assert_problem(first.result(), 409, "turn-cancelled")
+        stored = transcript(gateway.url, "interrupted")
+    assert [(m["role"], m["text"], m.get("interrupted")) for m in stored][::2] == [("user", "first", None),
+                                                                                  ("user", "second", None)]
+    assert stored[1]["interrupted"] is True and "interrupted" not in stored[3]
+
+
+def test_collect_mode_answers_what_came_during_a_turn_with_one_turn_whatever_lane_max_wait(tmp_path: Path) -> None:
+    with lane_gateway(tmp_path / "data", "collect") as gateway, ThreadPoolExecutor(4) as pool:
+        url = messages_url(gateway.url, "collected")
+        first = pool.submit(httpx.post, url, json={"text": "first"}, timeout=20)
+        wait_until(lambda: turn_runs(url), timeout=10, what="the first turn runs")
+        later = [pool.submit(httpx.post, url, json={"text": f"later {n}"}, timeout=20) for n in range(3)]
+        assert [answer.result().status_code for answer in [first, *later]] == [200] * 4
+        stored = transcript(gateway.url, "collected")
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "user", "user", "assistant"], stored
