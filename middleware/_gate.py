@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._backend import Backend, open_backend
 from ._config import Settings
 from ._errors import ClientGone, PayloadTooLarge, RunningTurn, SessionBusy, SessionGateError
-from ._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key
+from ._idempotency import Claim, Idempotency, StoredAnswer, idempotency_key, is_retryable_status
 from ._ids import validate_session_id
 from ._metrics import CONTENTION_ANSWERS
 from ._problem import error_format_of, problem_status, send_problem
@@ -87,6 +87,9 @@ class Admission:
     idempotency_key: str | None  # as the gate read it: quotes and blanks stripped
     body: object  # what the body parser returned (``None`` without one)
     grant: LaneGrant | None  # the session's lane, held until the response is complete (None: see take_lane, collect)
+    # the status a streamed answer really ended with (an error event inside a 200 stream): the Idempotency-Key's
+    # answer is kept or dropped by it, so a retry runs again after a retryable failure as it would after that status
+    ended_with: int | None = None
 
 
 def admission_of(scope: Scope) -> Admission | None:
@@ -406,6 +409,10 @@ class _Responder:
             await self.release_lane()
 
     async def _complete_claim(self) -> None:
+        admission = admission_of(self.scope)
+        if admission is not None and admission.ended_with is not None and is_retryable_status(admission.ended_with):
+            await self.abandon_claim()
+            return
         claim, self.claim = self.claim, None
         if claim is not None:
             await claim.complete(StoredAnswer(self._status, self._headers, b"".join(self._body)))

@@ -2,8 +2,11 @@
 
 Each test is one defect an outside check found, driven over HTTP on
 127.0.0.1 against ``sessiongate serve`` as a separate OS process: a paging
-``limit`` of thousands of digits, and ``Accept`` headers read as substrings
-(``text/event-stream;q=0`` streamed, ``TEXT/EVENT-STREAM`` did not).
+``limit`` of thousands of digits (a 500), ``Accept`` headers read as
+substrings (``text/event-stream;q=0`` streamed, ``TEXT/EVENT-STREAM`` did
+not), ``interrupt``/``collect`` waiting ``lane.maxWaitMs`` before acting
+(no interrupt, no collecting), and a streamed turn's failure kept as its
+Idempotency-Key's answer (a retry never ran again).
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import NO_RATE_LIMITS, GatewayProcess, assert_problem, messages_url, transcript, wait_until
+from tests.support import (
+    NO_RATE_LIMITS,
+    GatewayProcess,
+    assert_problem,
+    free_port,
+    messages_url,
+    transcript,
+    wait_until,
+)
 
 ECHO = {"providers": [{"id": "echo", "type": "echo", "delayMs": 200}], "rateLimits": NO_RATE_LIMITS}
 
@@ -84,3 +95,16 @@ def test_collect_mode_answers_what_came_during_a_turn_with_one_turn_whatever_lan
         assert [answer.result().status_code for answer in [first, *later]] == [200] * 4
         stored = transcript(gateway.url, "collected")
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "user", "user", "assistant"], stored
+
+
+def test_a_streamed_turn_that_failed_is_not_the_idempotency_keys_answer(tmp_path: Path) -> None:
+    """As for the JSON answer (502, dropped): a retry with the same key runs again, the provider may be back."""
+    dead = {"id": "dead", "type": "openai", "baseUrl": f"http://127.0.0.1:{free_port()}/v1", "model": "m",
+            "timeoutMs": 1000}
+    with GatewayProcess(tmp_path / "data", {"providers": [dead], "rateLimits": NO_RATE_LIMITS}) as gateway:
+        attempts = [httpx.post(messages_url(gateway.url, "failing"), json={"text": "hi"}, timeout=20,
+                               headers={"Accept": "text/event-stream", "Idempotency-Key": "one-key"})
+                    for _ in range(2)]
+    for attempt in attempts:
+        assert attempt.status_code == 200 and "event: error" in attempt.text and "all-providers-failed" in attempt.text
+    assert "idempotent-replayed" not in attempts[1].headers

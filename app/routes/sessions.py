@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import InvalidRequest, SessionGateError, admission_of, take_lane, validate_session_id
+from sessiongate import Admission, InvalidRequest, SessionGateError, admission_of, take_lane, validate_session_id
 
 from .._body import MessageIn
 from .._context import Gateway
@@ -69,11 +69,17 @@ def accept_weights(accept: str) -> dict[str, float]:
     return weights
 
 
-def event_stream(events: AsyncIterator[TurnEvent]) -> StreamingResponse:
-    """A turn's events as ``text/event-stream``; a client that leaves stops only its own reading."""
+def event_stream(events: AsyncIterator[TurnEvent], admission: Admission | None = None) -> StreamingResponse:
+    """A turn's events as ``text/event-stream``; a client that leaves stops only its own reading.
+
+    An ``error`` event tells the gate (``admission``) the answer's real status, so a retryable failure is not
+    kept as the Idempotency-Key's answer.
+    """
 
     async def encoded() -> AsyncIterator[bytes]:
         async for event in events:
+            if event.name == "error" and admission is not None:
+                admission.ended_with = event.data["status"]
             yield event.encode()
 
     return StreamingResponse(encoded(), media_type=EVENT_STREAM,
@@ -152,7 +158,7 @@ def page_limit(raw: str | None) -> int:
 async def answer(request: Request, turn: LiveTurn, user: Record) -> Response:
     """The turn as an event stream, or (awaited) as one JSON answer to ``user``; errors raise their problem."""
     if wants_event_stream(request):
-        return event_stream(turn.follow())
+        return event_stream(turn.follow(), admission_of(request.scope))
     result = await turn.outcome
     message_id = result.user["id"] if len(turn.users) == 1 else user["id"]  # one: maybe an earlier attempt's
     return reply_json(turn.session_id, message_id, result.reply)
