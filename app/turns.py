@@ -78,7 +78,8 @@ async def answered_earlier(transcript: LockedTranscript, user: Record) -> tuple[
         return None
     if earlier["text"] != user["text"]:
         raise IdempotencyKeyReused("this Idempotency-Key was already used in this session for a different message")
-    reply = await transcript.find("replyTo", earlier["id"])
+    answered_by = earlier.get("answeredBy")  # one of several messages a collect turn answered
+    reply = await (transcript.find("id", answered_by) if answered_by else transcript.find("replyTo", earlier["id"]))
     return None if reply is None or reply.get("role") != "assistant" else (earlier, reply)
 
 def usage_record(usage: Usage | None) -> Record | None:
@@ -228,6 +229,8 @@ class TurnRunner:
         )
         if len(users) > 1:
             reply["answers"] = [user["id"] for user in users]
+            for answered in users[:-1]:  # the reply's replyTo names the last: a retry of another finds it here
+                answered["answeredBy"] = reply["id"]
         await self.store.append(session_id, [*users, reply], fence=grant.fence)
         return TurnResult(user=users[-1], reply=reply)
 

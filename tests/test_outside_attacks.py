@@ -5,8 +5,9 @@ Each test is one defect an outside check found, driven over HTTP on
 ``limit`` of thousands of digits (a 500), ``Accept`` headers read as
 substrings (``text/event-stream;q=0`` streamed, ``TEXT/EVENT-STREAM`` did
 not), ``interrupt``/``collect`` waiting ``lane.maxWaitMs`` before acting
-(no interrupt, no collecting), and a streamed turn's failure kept as its
-Idempotency-Key's answer (a retry never ran again).
+(no interrupt, no collecting), a streamed turn's failure kept as its
+Idempotency-Key's answer (a retry never ran again), and a retry of a
+collected message that stored it a second time.
 """
 
 from __future__ import annotations
@@ -108,3 +109,24 @@ def test_a_streamed_turn_that_failed_is_not_the_idempotency_keys_answer(tmp_path
     for attempt in attempts:
         assert attempt.status_code == 200 and "event: error" in attempt.text and "all-providers-failed" in attempt.text
     assert "idempotent-replayed" not in attempts[1].headers
+
+
+def test_a_retry_of_a_collected_message_whose_turn_was_cancelled_is_not_stored_twice(tmp_path: Path) -> None:
+    """The collected reply's ``replyTo`` names only the last message; a retry of another must still find it."""
+    with lane_gateway(tmp_path / "data", "collect") as gateway, ThreadPoolExecutor(3) as pool:
+        url = messages_url(gateway.url, "recollected")
+        first = pool.submit(httpx.post, url, json={"text": "first"}, timeout=20)
+        wait_until(lambda: turn_runs(url), timeout=10, what="the first turn runs")
+        later = [pool.submit(httpx.post, url, json={"text": f"later {n}"}, headers={"Idempotency-Key": f"key-{n}"},
+                             timeout=20) for n in range(2)]
+        assert first.result().status_code == 200  # the later two joined the inbox meanwhile (1.5 s turn)
+        wait_until(lambda: turn_runs(url), timeout=10, what="the collected turn runs")
+        assert httpx.delete(f"{url.removesuffix('/messages')}/turns/current", timeout=5).status_code == 204
+        for answer in later:
+            assert_problem(answer.result(), 409, "turn-cancelled")
+        for n in range(2):  # whichever joined first (the reply's replyTo names the other)
+            retry = httpx.post(url, json={"text": f"later {n}"}, headers={"Idempotency-Key": f"key-{n}"}, timeout=20)
+            assert_problem(retry, 409, "turn-cancelled")  # the message is stored, and so is its (interrupted) answer
+        stored = transcript(gateway.url, "recollected")
+    users = [m["text"] for m in stored if m["role"] == "user"]
+    assert sorted(users) == ["first", "later 0", "later 1"], users
