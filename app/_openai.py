@@ -38,11 +38,8 @@ __all__ = [
     "chat_session_id",
     "completion_chunks",
     "completion_id",
-    "created_at",
     "model_list",
-    "one_piece",
     "openai_error_json",
-    "openai_usage",
     "parse_chat_request",
 ]
 
@@ -61,7 +58,6 @@ class ChatRequest:
     text: str
     model: str | None
     stream: bool
-    include_usage: bool
 
 
 def chat_session_id(scope: Scope, parsed_body: Mapping[str, Any]) -> str | None:
@@ -93,7 +89,6 @@ def parse_chat_request(scope: Scope, data: Mapping[str, Any], *, max_text_chars:
         text=last_user_text(data.get("messages"), max_text_chars=max_text_chars),
         model=model,
         stream=bool(stream),
-        include_usage=bool(options and options.get("include_usage") is True),
     )
 
 
@@ -133,8 +128,9 @@ def openai_usage(reply: Record) -> dict[str, int] | None:
             "total_tokens": usage["totalTokens"]}
 
 
-def completion_id(reply: Record) -> str:
-    return f"chatcmpl-{reply['id']}"
+def completion_id(answer_id: str) -> str:
+    """A completion's ``id``: ``chatcmpl-`` and the stored reply's id (a stream's: its turn's id)."""
+    return f"chatcmpl-{answer_id}"
 
 
 def created_at(reply: Record) -> int:
@@ -145,7 +141,7 @@ def created_at(reply: Record) -> int:
 def chat_completion(reply: Record) -> dict[str, Any]:
     """A ``chat.completion`` object for a stored reply record."""
     completion: dict[str, Any] = {
-        "id": completion_id(reply),
+        "id": completion_id(reply["id"]),
         "object": "chat.completion",
         "created": created_at(reply),
         "model": reply["provider"],
@@ -166,20 +162,20 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 async def completion_chunks(
-    pieces: AsyncIterator[str], *, completion: str, model: str, created: int, usage: dict[str, int] | None = None
+    pieces: AsyncIterator[str], *, completion: str, model: str, created: int
 ) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` server-sent events for the reply's ``pieces``, ending in ``[DONE]``.
 
     The role comes first, then one chunk per piece as it arrives, then the
-    ``finish_reason``, then (``usage`` given: the client asked with
-    ``stream_options.include_usage``) a chunk with the usage and no choices.
-    If ``pieces`` fails with a typed error after the stream started, the error
-    goes out as an ``{"error": ...}`` event (which the OpenAI SDK raises) and
-    no ``[DONE]`` follows.
+    ``finish_reason``. No usage chunk (``stream_options.include_usage`` is
+    accepted): a streamed turn does not record usage. If ``pieces`` fails
+    with a typed error (``turn-cancelled``, ...), the error goes out as an
+    ``{"error": ...}`` event (which the OpenAI SDK raises) and no ``[DONE]``
+    follows.
     """
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    def chunk(choices: list[dict[str, Any]]) -> bytes:
         return _event({"id": completion, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": choices, **extra})
+                       "choices": choices})
 
     yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     try:
@@ -189,14 +185,7 @@ async def completion_chunks(
         yield b"data: " + openai_error_json(error, error.default_status) + b"\n\n"
         return
     yield chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}])
-    if usage is not None:
-        yield chunk([], usage=usage)
     yield DONE_EVENT
-
-
-async def one_piece(text: str) -> AsyncIterator[str]:
-    """A finished reply as a stream of one piece (until providers stream their deltas)."""
-    yield text
 
 
 def model_list(providers: list[tuple[str, str]]) -> dict[str, Any]:

@@ -29,13 +29,14 @@ from ..paths import CURRENT_TURN_ROUTE, MESSAGES_ROUTE, messages_path
 from ..turns import Record, user_record
 
 __all__ = [
-    "DEFAULT_PAGE_LIMIT", "MAX_PAGE_LIMIT", "CurrentTurn", "SessionMessages", "gateway_of", "page_limit", "routes",
+    "DEFAULT_PAGE_LIMIT", "EVENT_STREAM_HEADERS", "MAX_PAGE_LIMIT", "CurrentTurn", "SessionMessages", "gateway_of", "page_limit", "routes",
 ]
 
 DEFAULT_PAGE_LIMIT = 100
 MAX_PAGE_LIMIT = 1_000
 
 EVENT_STREAM = "text/event-stream"
+EVENT_STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # no cache or proxy holds events back
 
 
 class NoTurnRunning(SessionGateError):
@@ -55,8 +56,7 @@ def event_stream(events: AsyncIterator[TurnEvent]) -> StreamingResponse:
         async for event in events:
             yield event.encode()
 
-    return StreamingResponse(encoded(), media_type=EVENT_STREAM,
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(encoded(), media_type=EVENT_STREAM, headers=EVENT_STREAM_HEADERS)
 
 
 def reply_json(session_id: str, message_id: str, reply: Record) -> JSONResponse:
