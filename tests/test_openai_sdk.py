@@ -135,7 +135,8 @@ def test_a_streamed_completion_sends_each_piece_as_the_model_produces_it(words_g
                                                     messages=[{"role": "user", "content": TEN_WORDS}]):
             chunks.append(chunk)
             arrived.append(time.monotonic() - started)
-    content_at = [at for chunk, at in zip(chunks, arrived, strict=True) if chunk.choices and chunk.choices[0].delta.content]
+    content_at = [at for chunk, at in zip(chunks, arrived, strict=True)
+                  if chunk.choices and chunk.choices[0].delta.content]
 
     assert len(content_at) == 10  # one chunk per word, not the finished reply in one piece
     assert content_at[0] < content_at[-1] - WORDS_TURN_MS / 2000  # the first came long before the turn ended
@@ -201,13 +202,13 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_turn(words_gateway: G
             first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
         # the stream is closed mid-turn; the turn goes on and stores its whole reply
         wait_until(lambda: len(session_messages(words_gateway, "sdk-gone")) == 2, what="the reply stored")
-        retry = client.chat.completions.create(model="words", user="sdk-gone", extra_headers=key,
-                                               messages=[{"role": "user", "content": TEN_WORDS}])
+        retry = list(client.chat.completions.create(model="words", user="sdk-gone", stream=True, extra_headers=key,
+                                                    messages=[{"role": "user", "content": TEN_WORDS}]))
 
     stored = session_messages(words_gateway, "sdk-gone")
     assert first.choices[0].delta.content == "one "
     assert stored[1]["text"] == TEN_WORDS and "interrupted" not in stored[1]
-    assert retry.choices[0].message.content == TEN_WORDS and retry.id == f"chatcmpl-{stored[1]['id']}"
+    assert content_of(retry) == TEN_WORDS
     assert len(session_messages(words_gateway, "sdk-gone")) == 2  # the retry got the stored reply, no new turn
 
 
