@@ -2,7 +2,7 @@
 
 So the official OpenAI SDKs and the chat UIs built on them are clients of the
 gateway. Only the format lives here; the turn is the messages API's turn
-(:class:`~sessiongate.gateway.turns.TurnRunner`, behind the same SessionGate).
+(a live turn, :mod:`~sessiongate.gateway.live`, behind the same SessionGate).
 Two things differ from what an OpenAI server does, on purpose:
 
 - the history is the session's transcript, not the request's ``messages``:
@@ -10,8 +10,9 @@ Two things differ from what an OpenAI server does, on purpose:
   ``system`` messages are ignored, so a client resending the whole
   conversation cannot rewrite or duplicate it;
 - ``model`` names the provider to try first; a name that is no provider's id
-  (``gpt-4o`` typed into a UI) keeps the configured order, and the answer's
-  ``model`` says which provider replied.
+  (``gpt-4o`` typed into a UI) keeps the configured order, and a completion's
+  ``model`` says which provider replied (a stream's chunks, sent before the
+  reply is stored: the provider tried first).
 """
 
 from __future__ import annotations
