@@ -50,7 +50,6 @@ class Gateway:
         """Build the gateway over ``backend``; ``transport`` (tests) is used for every outbound httpx call."""
         store = open_transcripts(backend, settings)
         providers = build_failover(settings, transport=transport)
-        backend.lanes.durations.longest_ms = providers.longest_ms  # bounds busy answers before any turn finished
         turns = TurnRunner(store, providers, max_messages=settings.history.max_messages)
         live = live or LiveTurns(backend)
         http = httpx.AsyncClient(transport=transport, timeout=OUTBOUND_TIMEOUT_S)

@@ -70,6 +70,19 @@ from .live import LiveTurns
 from .routes import chat, health, metrics, openapi, sessions, webchat
 from .settings import GatewaySettings
 
+__all__ = [
+    "SETTINGS_ENV",
+    "ErrorBoundary",
+    "ExceptionHandler",
+    "HttpProblem",
+    "app_from_environment",
+    "cors",
+    "create_app",
+    "exception_handlers",
+    "sender_key",
+    "trusted_proxy_headers",
+]
+
 SETTINGS_ENV = "_SESSIONGATE_SERVE_SETTINGS"  # no SESSIONGATE_ prefix: it is not a config key
 log = logging.getLogger("sessiongate.server")
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
@@ -173,7 +186,7 @@ def cors(origins: list[str]) -> list[Middleware]:
 
 def create_app(settings: GatewaySettings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """The gateway for ``settings``; ``transport`` (tests) carries every outbound httpx call."""
-    backend = open_backend(settings)
+    backend = open_backend(settings, longest_turn_ms=settings.longest_turn_ms)
     live = LiveTurns(backend)
 
     @asynccontextmanager

@@ -34,6 +34,23 @@ import tenacity
 
 from .paths import current_turn_path, messages_path
 
+__all__ = [
+    "DEFAULT_URL",
+    "EVENT_STREAM",
+    "RETRYABLE_STATUSES",
+    "AsyncSessionGateClient",
+    "ClientError",
+    "EventDecoder",
+    "GaveUp",
+    "ProblemError",
+    "RetryNotice",
+    "RetryPolicy",
+    "ServerEvent",
+    "SessionGateClient",
+    "parse_response",
+    "retry_after_ms",
+]
+
 RETRYABLE_STATUSES = frozenset({409, 429, 503})
 DEFAULT_URL = "http://127.0.0.1:8787"
 EVENT_STREAM = "text/event-stream"

@@ -39,6 +39,24 @@ from sessiongate import SessionGateError
 from ._metrics import ALL_PROVIDERS_FAILED, PROVIDER_CALLS, PROVIDER_FAILURES, PROVIDER_SECONDS
 from .settings import GatewaySettings, ProviderSettings
 
+__all__ = [
+    "AllProvidersFailed",
+    "ChatMessage",
+    "Completion",
+    "Delta",
+    "EchoProvider",
+    "Failover",
+    "OpenAIProvider",
+    "Provider",
+    "ProviderError",
+    "Reply",
+    "Usage",
+    "build_failover",
+    "chat_completions_url",
+    "last_user_text",
+    "usage_of",
+]
+
 log = logging.getLogger("sessiongate.providers")
 
 ChatMessage = Mapping[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
@@ -116,7 +134,6 @@ class Provider(ABC):
 
     def __init__(self, settings: ProviderSettings) -> None:
         self.id = settings.id
-        self.longest_ms = float(settings.timeout_ms)  # the longest a call may take before it fails
 
     @abstractmethod
     async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
@@ -136,7 +153,6 @@ class EchoProvider(Provider):
     def __init__(self, settings: ProviderSettings) -> None:
         super().__init__(settings)
         self.delay_s = settings.delay_ms / 1000
-        self.longest_ms = float(settings.delay_ms)
 
     async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
         if self.delay_s:
@@ -298,11 +314,6 @@ class Failover:
         if not providers:
             raise ValueError("Failover needs at least one provider")
         self.providers = list(providers)
-
-    @property
-    def longest_ms(self) -> float:
-        """The longest a turn's model calls can take: every provider tried, each to its limit."""
-        return sum(provider.longest_ms for provider in self.providers)
 
     def order(self, first: str | None) -> list[Provider]:
         """The providers to try: ``first`` (a provider id) ahead of the rest; an unknown id changes nothing."""

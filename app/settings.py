@@ -36,6 +36,11 @@ class ProviderSettings(SettingsSection):
     timeout_ms: int = Field(30_000, ge=1, le=600_000)
     delay_ms: int = Field(0, ge=0, le=600_000, description="echo only: simulated model time")
 
+    @property
+    def longest_call_ms(self) -> float:
+        """The longest one call may take before it fails (an echo provider takes exactly ``delayMs``)."""
+        return float(self.delay_ms if self.type == "echo" else self.timeout_ms)
+
     @model_validator(mode="after")
     def _openai_needs_base_url(self) -> ProviderSettings:
         if self.type == "openai" and not self.base_url:
@@ -112,6 +117,11 @@ class GatewaySettings(Settings):
     auth: AuthSettings = AuthSettings()
     server: ServerSettings = ServerSettings()
     history: HistorySettings = HistorySettings()
+
+    @property
+    def longest_turn_ms(self) -> float:
+        """The longest a turn's model calls can take: every provider tried, each to its limit."""
+        return sum(provider.longest_call_ms for provider in self.providers)
 
     @field_validator("providers")
     @classmethod

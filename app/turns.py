@@ -36,6 +36,21 @@ from sessiongate import (
 
 from .providers import ChatMessage, Failover, Usage
 
+__all__ = [
+    "LOST_LANE_RETRY_AFTER_MS",
+    "Record",
+    "TurnResult",
+    "TurnRunner",
+    "answered_earlier",
+    "chat_messages",
+    "ensure_lane_held",
+    "history_up_to",
+    "interrupted_reply",
+    "new_record",
+    "usage_record",
+    "user_record",
+]
+
 Record = dict[str, Any]
 LOST_LANE_RETRY_AFTER_MS = 1_000
 

@@ -23,11 +23,11 @@ __all__ = ["Backend", "open_backend"]
 class Backend:
     """Lanes, write locks, fencing and records over one storage."""
 
-    def __init__(self, storage: LeaseStorage, settings: Settings) -> None:
+    def __init__(self, storage: LeaseStorage, settings: Settings, *, longest_turn_ms: float | None = None) -> None:
         self.settings = settings
         self.storage = storage
         heartbeats = Heartbeats.for_stale_ms(settings.session_write_lock.stale_ms)  # one timer for both kinds
-        self.lanes = Lanes(storage, settings, heartbeats)
+        self.lanes = Lanes(storage, settings, heartbeats, longest_turn_ms=longest_turn_ms)
         self.write_locks = WriteLocks(storage, settings, heartbeats)
 
     @property
@@ -53,6 +53,10 @@ class Backend:
         await self.storage.aclose()
 
 
-def open_backend(settings: Settings) -> Backend:
-    """A :class:`Backend` for ``settings.backend.url`` (``file://``, ``memory://``, ``redis://``)."""
-    return Backend(open_storage(settings), settings)
+def open_backend(settings: Settings, *, longest_turn_ms: float | None = None) -> Backend:
+    """A :class:`Backend` for ``settings.backend.url`` (``file://``, ``memory://``, ``redis://``).
+
+    ``longest_turn_ms`` (the app knows it, e.g. its model call's timeout) bounds
+    the first busy answers of a process, before any turn has finished.
+    """
+    return Backend(open_storage(settings), settings, longest_turn_ms=longest_turn_ms)

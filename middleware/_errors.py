@@ -14,6 +14,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+__all__ = [
+    "BackendUnavailable",
+    "ClientGone",
+    "ConfigError",
+    "FencedOut",
+    "IdempotencyInFlight",
+    "IdempotencyKeyReused",
+    "InvalidRequest",
+    "InvalidSessionId",
+    "LockTimeout",
+    "PayloadTooLarge",
+    "QueueFull",
+    "RateLimited",
+    "RetryableError",
+    "RunningTurn",
+    "SessionBusy",
+    "SessionGateError",
+    "StorageFailed",
+    "TurnCancelled",
+    "Unauthorized",
+    "UnsupportedMediaType",
+]
+
 
 @dataclass(frozen=True)
 class RunningTurn:

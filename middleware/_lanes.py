@@ -108,13 +108,20 @@ class LaneGrant:
 class Lanes:
     """The lane strategy over any :class:`LeaseStorage`."""
 
-    def __init__(self, storage: LeaseStorage, settings: Settings, heartbeats: Heartbeats | None = None) -> None:
+    def __init__(
+        self,
+        storage: LeaseStorage,
+        settings: Settings,
+        heartbeats: Heartbeats | None = None,
+        *,
+        longest_turn_ms: float | None = None,
+    ) -> None:
         self._storage = storage
         self._settings = settings.lane
         self.stale_ms = settings.session_write_lock.stale_ms
         self._held: dict[str, LaneGrant] = {}  # sessions whose turn runs in this process
         self._wakeups = Wakeups()
-        self.durations = TurnDurations()
+        self.durations = TurnDurations(longest_turn_ms)
         self.heartbeats = heartbeats or Heartbeats.for_stale_ms(self.stale_ms)  # one timer renews every lane held here
 
     async def acquire(

@@ -38,6 +38,29 @@ from starlette.types import Scope, Send
 from ._config import Settings
 from ._errors import QueueFull, RateLimited, RetryableError, SessionBusy, SessionGateError
 
+__all__ = [
+    "ERROR_FORMAT_STATE_KEY",
+    "EXPOSED_HEADERS",
+    "PROBLEM_CONTENT_TYPE",
+    "PROBLEM_JSON",
+    "PROBLEM_TYPE_BASE",
+    "REQUEST_ID",
+    "ErrorFormat",
+    "RenderedProblem",
+    "error_format_of",
+    "problem_body",
+    "problem_headers",
+    "problem_json",
+    "problem_response",
+    "problem_status",
+    "public_detail",
+    "ratelimit_fields",
+    "render_problem",
+    "retry_after_seconds",
+    "send_problem",
+    "use_error_format",
+]
+
 # The id the log knows the current request by (set by the embedding app, e.g. the gateway's request log).
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 PROBLEM_CONTENT_TYPE = "application/problem+json"

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import Message, Receive
 
+__all__ = ["SMOOTHING", "Backoff", "Beating", "Departure", "Heartbeats", "Wakeups", "moving_average"]
+
 logger = logging.getLogger("sessiongate.locks")
 
 SMOOTHING = 0.3  # weight of the newest sample in the moving averages behind retry estimates

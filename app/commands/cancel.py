@@ -17,6 +17,8 @@ from sessiongate.gateway.client import ProblemError, SessionGateClient
 
 from .send import EXIT_CLIENT_ERROR, EXIT_GAVE_UP, EXIT_OK, add_gateway_arguments, print_problem
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(

@@ -28,6 +28,8 @@ from ..client import (
     SessionGateClient,
 )
 
+__all__ = ["add_gateway_arguments", "add_parser", "print_problem", "print_stream", "run"]
+
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_CLIENT_ERROR, EXIT_GAVE_UP = 0, 1, 2, 3
 
 
