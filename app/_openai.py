@@ -18,7 +18,7 @@ Two things differ from what an OpenAI server does, on purpose:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -59,6 +59,7 @@ class ChatRequest:
     text: str
     model: str | None
     stream: bool
+    include_usage: bool = False  # stream_options.include_usage: a last chunk carries the turn's usage
 
 
 def chat_session_id(scope: Scope, parsed_body: Mapping[str, Any]) -> str | None:
@@ -85,11 +86,15 @@ def parse_chat_request(scope: Scope, data: Mapping[str, Any], *, max_text_chars:
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object")
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise InvalidRequest("'stream_options.include_usage' must be true or false")
     return ChatRequest(
         session_id=session_id,
         text=last_user_text(data.get("messages"), max_text_chars=max_text_chars),
         model=model,
         stream=bool(stream),
+        include_usage=include_usage,
     )
 
 
@@ -163,13 +168,19 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 async def completion_chunks(
-    pieces: AsyncIterator[str], *, completion: str, model: str, created: int
+    pieces: AsyncIterator[str],
+    *,
+    completion: str,
+    model: str,
+    created: int,
+    usage: Callable[[], Awaitable[dict[str, int] | None]] | None = None,
 ) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` server-sent events for the reply's ``pieces``, ending in ``[DONE]``.
 
     The role comes first, then one chunk per piece as it arrives, then the
-    ``finish_reason``. No usage chunk (``stream_options.include_usage`` is
-    accepted): a streamed turn does not record usage. If ``pieces`` fails
+    ``finish_reason``; with ``usage`` (``stream_options.include_usage``) a last
+    chunk with no choices carries the stored reply's token usage, as OpenAI
+    sends it, when the provider reported one. If ``pieces`` fails
     with a typed error (``turn-cancelled``, ...), the error goes out as an
     ``{"error": ...}`` event (which the OpenAI SDK raises) and no ``[DONE]``
     follows.
@@ -186,6 +197,9 @@ async def completion_chunks(
         yield b"data: " + openai_error_json(error, error.default_status) + b"\n\n"
         return
     yield chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+    if usage is not None and (counts := await usage()) is not None:
+        yield _event({"id": completion, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "choices": [], "usage": counts})
     yield DONE_EVENT
 
 

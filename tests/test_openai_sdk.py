@@ -97,7 +97,8 @@ def test_a_plain_completion_runs_one_turn(gateway: GatewayProcess) -> None:
     assert answer.object == "chat.completion" and answer.model == "primary"
     assert answer.choices[0].message.content == "primary: hello"
     assert answer.choices[0].finish_reason == "stop"
-    assert answer.usage is None  # the turn streams from the provider, which records no usage
+    # the fake upstream counts one prompt token per message sent and two completion tokens
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (1, 2, 3)
     stored = session_messages(gateway, "sdk-plain")
     assert [(m["role"], m["text"]) for m in stored] == [("user", "hello"), ("assistant", "primary: hello")]
     assert answer.id == f"chatcmpl-{stored[1]['id']}"
@@ -117,11 +118,12 @@ def test_a_streamed_completion_is_chunks_ending_in_done(gateway: GatewayProcess)
     assert len({chunk.id for chunk in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-turn_")
     assert chunks[0].choices[0].delta.role == "assistant"
     assert content_of(chunks) == "primary: stream me"
-    assert chunks[-1].choices[0].finish_reason == "stop"  # no usage chunk: streamed turns record none
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 3  # include_usage: the last chunk
     assert raw.headers["content-type"].startswith("text/event-stream")
     events = [line for line in raw.text.split("\n\n") if line]
     assert events[-1] == "data: [DONE]"
-    assert all("usage" not in json.loads(event.removeprefix("data: ")) for event in events[:-1])
+    assert all("usage" not in json.loads(event.removeprefix("data: ")) for event in events[:-1])  # not asked for
     assert [m["text"] for m in session_messages(gateway, "sdk-stream")] == [
         "stream me", "primary: stream me", "again", "primary: again"]
 

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from sessiongate import SessionBusy, SessionGateError, admission_of, take_lane
 
-from .._openai import ChatRequest, chat_completion, completion_chunks, completion_id, model_list
+from .._openai import ChatRequest, chat_completion, completion_chunks, completion_id, model_list, openai_usage
 from ..paths import CHAT_COMPLETIONS, MODELS
 from ..turns import user_record
 from .sessions import EVENT_STREAM_HEADERS, gateway_of
@@ -48,9 +48,12 @@ async def chat_completions(request: Request) -> Response:
         return JSONResponse(chat_completion((await turn.outcome).reply))
     # the reply record (its id, its provider) exists only once the turn ends: the chunks name the turn and
     # the provider tried first (failover to the next one can happen only before the first delta)
+    async def stored_usage() -> dict[str, int] | None:
+        return openai_usage((await turn.outcome).reply)
+
     chunks = completion_chunks(
         turn.deltas(), completion=completion_id(turn.turn_id), model=gateway.turns.providers.order(chat.model)[0].id,
-        created=int(time.time()),
+        created=int(time.time()), usage=stored_usage if chat.include_usage else None,
     )
     return StreamingResponse(chunks, media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
 

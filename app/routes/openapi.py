@@ -407,7 +407,7 @@ def _openai_schemas() -> dict[str, Any]:
                 "model": {"type": "string", "description": "id of the provider that answered"},
                 "choices": {"type": "array", "items": {"type": "object"}},
                 "usage": {"type": "object",
-                          "description": "only when the stored reply has token usage (a streamed turn records none)"},
+                          "description": "only when the provider reported token usage (the echo provider reports none)"},
             },
         },
         "ModelList": {
