@@ -45,11 +45,11 @@ async def chat_completions(request: Request) -> Response:
     user = user_record(chat.text, channel=CHAT_CHANNEL, idempotency_key=admission.idempotency_key)
     turn = gateway.live.start(gateway.turns, grant, admission.session_id, [user], first_provider=chat.model)
     if not chat.stream:
-        return JSONResponse(chat_completion((await turn.outcome).reply))
+        return JSONResponse(chat_completion((await turn.result()).reply))
     # the reply record (its id, its provider) exists only once the turn ends: the chunks name the turn and
     # the provider tried first (failover to the next one can happen only before the first delta)
     async def stored_usage() -> dict[str, int] | None:
-        return openai_usage((await turn.outcome).reply)
+        return openai_usage((await turn.result()).reply)
 
     chunks = completion_chunks(
         turn.deltas(), completion=completion_id(turn.turn_id), model=gateway.turns.providers.order(chat.model)[0].id,

@@ -129,7 +129,7 @@ async def answer(request: Request, turn: LiveTurn, user: Record) -> Response:
     """The turn as an event stream, or (awaited) as one JSON answer to ``user``; errors raise their problem."""
     if wants_event_stream(request):
         return event_stream(turn.follow())
-    result = await turn.outcome
+    result = await turn.result()
     message_id = result.user["id"] if len(turn.users) == 1 else user["id"]  # one: maybe an earlier attempt's
     return reply_json(turn.session_id, message_id, result.reply)
 
