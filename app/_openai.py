@@ -2,7 +2,7 @@
 
 So the official OpenAI SDKs and the chat UIs built on them are clients of the
 gateway. Only the format lives here; the turn is the messages API's turn
-(:class:`~sessiongate.gateway.turns.TurnRunner`, behind the same SessionGate).
+(a live turn, :mod:`~sessiongate.gateway.live`, behind the same SessionGate).
 Two things differ from what an OpenAI server does, on purpose:
 
 - the history is the session's transcript, not the request's ``messages``:
@@ -10,14 +10,15 @@ Two things differ from what an OpenAI server does, on purpose:
   ``system`` messages are ignored, so a client resending the whole
   conversation cannot rewrite or duplicate it;
 - ``model`` names the provider to try first; a name that is no provider's id
-  (``gpt-4o`` typed into a UI) keeps the configured order, and the answer's
-  ``model`` says which provider replied.
+  (``gpt-4o`` typed into a UI) keeps the configured order, and a completion's
+  ``model`` says which provider replied (a stream's chunks, sent before the
+  reply is stored: the provider tried first).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,11 +39,8 @@ __all__ = [
     "chat_session_id",
     "completion_chunks",
     "completion_id",
-    "created_at",
     "model_list",
-    "one_piece",
     "openai_error_json",
-    "openai_usage",
     "parse_chat_request",
 ]
 
@@ -61,7 +59,7 @@ class ChatRequest:
     text: str
     model: str | None
     stream: bool
-    include_usage: bool
+    include_usage: bool = False  # stream_options.include_usage: a last chunk carries the turn's usage
 
 
 def chat_session_id(scope: Scope, parsed_body: Mapping[str, Any]) -> str | None:
@@ -88,12 +86,15 @@ def parse_chat_request(scope: Scope, data: Mapping[str, Any], *, max_text_chars:
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object")
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise InvalidRequest("'stream_options.include_usage' must be true or false")
     return ChatRequest(
         session_id=session_id,
         text=last_user_text(data.get("messages"), max_text_chars=max_text_chars),
         model=model,
         stream=bool(stream),
-        include_usage=bool(options and options.get("include_usage") is True),
+        include_usage=include_usage,
     )
 
 
@@ -133,8 +134,9 @@ def openai_usage(reply: Record) -> dict[str, int] | None:
             "total_tokens": usage["totalTokens"]}
 
 
-def completion_id(reply: Record) -> str:
-    return f"chatcmpl-{reply['id']}"
+def completion_id(answer_id: str) -> str:
+    """A completion's ``id``: ``chatcmpl-`` and the stored reply's id (a stream's: its turn's id)."""
+    return f"chatcmpl-{answer_id}"
 
 
 def created_at(reply: Record) -> int:
@@ -145,7 +147,7 @@ def created_at(reply: Record) -> int:
 def chat_completion(reply: Record) -> dict[str, Any]:
     """A ``chat.completion`` object for a stored reply record."""
     completion: dict[str, Any] = {
-        "id": completion_id(reply),
+        "id": completion_id(reply["id"]),
         "object": "chat.completion",
         "created": created_at(reply),
         "model": reply["provider"],
@@ -166,20 +168,26 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 async def completion_chunks(
-    pieces: AsyncIterator[str], *, completion: str, model: str, created: int, usage: dict[str, int] | None = None
+    pieces: AsyncIterator[str],
+    *,
+    completion: str,
+    model: str,
+    created: int,
+    usage: Callable[[], Awaitable[dict[str, int] | None]] | None = None,
 ) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` server-sent events for the reply's ``pieces``, ending in ``[DONE]``.
 
     The role comes first, then one chunk per piece as it arrives, then the
-    ``finish_reason``, then (``usage`` given: the client asked with
-    ``stream_options.include_usage``) a chunk with the usage and no choices.
-    If ``pieces`` fails with a typed error after the stream started, the error
-    goes out as an ``{"error": ...}`` event (which the OpenAI SDK raises) and
-    no ``[DONE]`` follows.
+    ``finish_reason``; with ``usage`` (``stream_options.include_usage``) a last
+    chunk with no choices carries the stored reply's token usage, as OpenAI
+    sends it, when the provider reported one. If ``pieces`` fails
+    with a typed error (``turn-cancelled``, ...), the error goes out as an
+    ``{"error": ...}`` event (which the OpenAI SDK raises) and no ``[DONE]``
+    follows.
     """
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    def chunk(choices: list[dict[str, Any]]) -> bytes:
         return _event({"id": completion, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": choices, **extra})
+                       "choices": choices})
 
     yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     try:
@@ -189,14 +197,10 @@ async def completion_chunks(
         yield b"data: " + openai_error_json(error, error.default_status) + b"\n\n"
         return
     yield chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}])
-    if usage is not None:
-        yield chunk([], usage=usage)
+    if usage is not None and (counts := await usage()) is not None:
+        yield _event({"id": completion, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "choices": [], "usage": counts})
     yield DONE_EVENT
-
-
-async def one_piece(text: str) -> AsyncIterator[str]:
-    """A finished reply as a stream of one piece (until providers stream their deltas)."""
-    yield text
 
 
 def model_list(providers: list[tuple[str, str]]) -> dict[str, Any]:

@@ -134,7 +134,7 @@ class Inbox:
 
     async def _answer_when_done(self, turn: LiveTurn, entries: list[dict[str, Any]]) -> None:
         try:
-            result = await turn.outcome
+            result = await turn.result()
         except SessionGateError:
             error_event = turn.events[-1].data
             answer: dict[str, Any] = {"turnId": turn.turn_id, "error": error_event}

@@ -117,6 +117,10 @@ class LiveTurn:
         self.publish("done", {"id": reply["id"], "text": reply["text"], "provider": reply.get("provider")})
         self.outcome.set_result(result)
 
+    async def result(self) -> TurnResult:
+        """Wait for the turn's outcome; a waiter cancelled meanwhile (its request went away) leaves it intact."""
+        return await asyncio.shield(self.outcome)
+
     def fail(self, error: SessionGateError, status: int | None = None) -> None:
         self.publish("error", problem_body(error, status or error.default_status))
         self.outcome.set_exception(error)

@@ -123,10 +123,14 @@ class Completion:
 
 @dataclass(frozen=True)
 class Delta:
-    """One piece of a streamed reply and the provider that produced it (``text`` may be empty)."""
+    """One piece of a streamed reply and the provider that produced it (``text`` may be empty).
+
+    The last delta of a provider that reports token usage carries it (with empty text).
+    """
 
     text: str
     provider: str
+    usage: Usage | None = None
 
 
 class Provider(ABC):
@@ -139,9 +143,12 @@ class Provider(ABC):
     async def complete(self, messages: Sequence[ChatMessage]) -> Reply:
         """The assistant's reply to ``messages`` (oldest first)."""
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        """The reply in pieces as the model produces them (default: all of it at once)."""
-        yield (await self.complete(messages)).text
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str | Usage]:
+        """The reply in pieces as the model produces them, then its :class:`Usage` if reported (default: at once)."""
+        reply = await self.complete(messages)
+        yield reply.text
+        if reply.usage is not None:
+            yield reply.usage
 
     async def aclose(self) -> None:  # noqa: B027 (a no-op by default: only providers with connections override it)
         """Release connections (if any)."""
@@ -226,19 +233,26 @@ class OpenAIProvider(Provider):
         answer = self._answer_json(response)
         return Reply(self._reply_text(answer), usage_of(answer))
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str | Usage]:
         """``stream: true``: the SSE ``choices[0].delta.content`` pieces; ``timeoutMs`` bounds each wait.
 
-        An upstream that answers with one JSON completion instead is one piece.
+        Asks for the usage chunk (``stream_options.include_usage``, as OpenAI's
+        API and the common compatible servers support) and yields its
+        :class:`Usage` last. An upstream that answers with one JSON completion
+        instead is one piece.
         """
+        body = self._body(messages, stream=True, stream_options={"include_usage": True})
         try:
-            async with self.client.stream("POST", self.url, json=self._body(messages, stream=True)) as response:
+            async with self.client.stream("POST", self.url, json=body) as response:
                 if response.status_code >= 400:
                     await response.aclose()
                     self._raise_for_status(response)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     await response.aread()
-                    yield self._reply_text(self._answer_json(response))
+                    answer = self._answer_json(response)
+                    yield self._reply_text(answer)
+                    if (usage := usage_of(answer)) is not None:
+                        yield usage
                     return
                 async for line in response.aiter_lines():
                     piece = self._sse_piece(line)
@@ -251,18 +265,21 @@ class OpenAIProvider(Provider):
         except httpx.TransportError as exc:
             raise ProviderError(self.id, "connection-error", f"{type(exc).__name__}: {exc}") from None
 
-    def _sse_piece(self, line: str) -> str | None:
-        """The text of one ``data:`` line (``_DONE`` for ``[DONE]``; ``None`` for anything else)."""
+    def _sse_piece(self, line: str) -> str | Usage | None:
+        """The text (or usage) of one ``data:`` line (``_DONE`` for ``[DONE]``; ``None`` for anything else)."""
         if not line.startswith("data:"):
             return None
         data = line[5:].strip()
         if data == "[DONE]":
             return _DONE
         try:
-            choices = json.loads(data)["choices"]
+            chunk = json.loads(data)
+            choices = chunk["choices"]
             content = choices[0]["delta"].get("content") if choices else None
         except (ValueError, LookupError, TypeError, AttributeError):
             raise ProviderError(self.id, "bad-response", "not a chat.completion.chunk (choices[0].delta)") from None
+        if not choices:  # the usage chunk comes last, with no choices
+            return usage_of(chunk)
         if content is not None and not isinstance(content, str):
             raise ProviderError(self.id, "bad-response", "choices[0].delta.content is not a string")
         return content
@@ -353,7 +370,9 @@ class Failover:
             produced = False
             try:
                 async for piece in provider.stream(messages):
-                    if piece:
+                    if isinstance(piece, Usage):
+                        yield Delta("", provider.id, usage=piece)
+                    elif piece:
                         produced = True
                         yield Delta(piece, provider.id)
             except ProviderError as error:

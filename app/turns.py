@@ -222,15 +222,17 @@ class TurnRunner:
         ensure_lane_held(grant)
         pieces: list[str] = []
         provider: str | None = None
+        usage: Usage | None = None
 
         async def call_model() -> None:
-            nonlocal provider
+            nonlocal provider, usage
             stream = self.providers.stream(
                 chat_messages(history), session_id=session_id, first=first_provider
             )
             async with contextlib.aclosing(stream):
                 async for delta in stream:
                     provider = delta.provider
+                    usage = delta.usage or usage
                     if delta.text:
                         pieces.append(delta.text)
                         on_delta(delta.text)
@@ -239,7 +241,7 @@ class TurnRunner:
         ensure_lane_held(grant)
         reply = (
             new_record("assistant", "".join(pieces), provider=provider, replyTo=users[-1]["id"],
-                       channel=users[-1].get("channel"))
+                       channel=users[-1].get("channel"), usage=usage_record(usage))
             if finished else interrupted_reply(pieces, provider, users)
         )
         if len(users) > 1:

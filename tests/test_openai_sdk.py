@@ -1,7 +1,11 @@
 """The official ``openai`` SDK as a client of ``/v1/chat/completions`` and ``/v1/models``, against a real gateway process.
 
-Proves: plain and streamed completions (``chat.completion`` with the
-provider's usage; ``chat.completion.chunk`` events ending in ``[DONE]``); the
+Proves: plain and streamed completions (``chat.completion``;
+``chat.completion.chunk`` events ending in ``[DONE]``, sent as the model
+produces its pieces); the turn is a live turn like the messages API's: a
+``DELETE`` on ``turns/current`` ends the SDK's stream with an error and
+stores the partial reply ``interrupted``, a client that leaves does not stop
+it (a retry with its Idempotency-Key gets the stored reply); the
 session from ``user`` or ``X-Session-Id`` with the history read from the
 transcript, not from the request; ``model`` picks the provider tried first;
 four SDK callers on one busy session are all answered, each message once,
@@ -24,12 +28,15 @@ import openai
 import pytest
 
 from sessiongate import SessionBusy
-from sessiongate.gateway._openai import completion_chunks, one_piece
+from sessiongate.gateway._openai import completion_chunks
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import NO_RATE_LIMITS, GatewayProcess
+from tests.support import NO_RATE_LIMITS, GatewayProcess, wait_until
 
 TOKEN = "sdk-test-key"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TURN_MS = 300
+WORDS_TURN_MS = 2_000  # the echo provider spreads it over the words: one piece every WORDS_TURN_MS / 10
+TEN_WORDS = "one two three four five six seven eight nine ten"
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +67,29 @@ def echo_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayPr
         yield process
 
 
+@pytest.fixture(scope="module")
+def words_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway whose echo provider streams a reply word by word over ``WORDS_TURN_MS``."""
+    config = {"providers": [{"id": "words", "type": "echo", "delayMs": WORDS_TURN_MS}],
+              "rateLimits": NO_RATE_LIMITS, "auth": {"tokens": [TOKEN]}}
+    with GatewayProcess(tmp_path_factory.mktemp("openai-sdk-words") / "data", config) as process:
+        yield process
+
+
 def sdk(gateway: GatewayProcess, **options: object) -> openai.OpenAI:
     """The SDK pointed at the gateway; the bearer token is the SDK's api_key."""
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=TOKEN, **options)  # type: ignore[arg-type]
 
 
 def session_messages(gateway: GatewayProcess, session_id: str) -> list[dict]:
-    return httpx.get(f"{gateway.url}/v1/sessions/{session_id}/messages",
-                     headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()["messages"]
+    return httpx.get(f"{gateway.url}/v1/sessions/{session_id}/messages", headers=AUTH, timeout=5).json()["messages"]
 
 
-def test_a_plain_completion_runs_one_turn_with_the_providers_usage(gateway: GatewayProcess) -> None:
+def content_of(chunks: list) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_a_plain_completion_runs_one_turn(gateway: GatewayProcess) -> None:
     with sdk(gateway) as client:
         answer = client.chat.completions.create(
             model="primary", user="sdk-plain", messages=[{"role": "user", "content": "hello"}])
@@ -78,8 +97,8 @@ def test_a_plain_completion_runs_one_turn_with_the_providers_usage(gateway: Gate
     assert answer.object == "chat.completion" and answer.model == "primary"
     assert answer.choices[0].message.content == "primary: hello"
     assert answer.choices[0].finish_reason == "stop"
-    assert answer.usage is not None and (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (1, 2)
-    assert answer.usage.total_tokens == 3
+    # the fake upstream counts one prompt token per message sent and two completion tokens
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (1, 2, 3)
     stored = session_messages(gateway, "sdk-plain")
     assert [(m["role"], m["text"]) for m in stored] == [("user", "hello"), ("assistant", "primary: hello")]
     assert answer.id == f"chatcmpl-{stored[1]['id']}"
@@ -96,17 +115,103 @@ def test_a_streamed_completion_is_chunks_ending_in_done(gateway: GatewayProcess)
                      json={"model": "primary", "stream": True, "messages": [{"role": "user", "content": "again"}]})
 
     assert {chunk.object for chunk in chunks} == {"chat.completion.chunk"}
-    assert len({chunk.id for chunk in chunks}) == 1
+    assert len({chunk.id for chunk in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-turn_")
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "primary: stream me"
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 3
+    assert content_of(chunks) == "primary: stream me"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 3  # include_usage: the last chunk
     assert raw.headers["content-type"].startswith("text/event-stream")
     events = [line for line in raw.text.split("\n\n") if line]
     assert events[-1] == "data: [DONE]"
     assert all("usage" not in json.loads(event.removeprefix("data: ")) for event in events[:-1])  # not asked for
     assert [m["text"] for m in session_messages(gateway, "sdk-stream")] == [
         "stream me", "primary: stream me", "again", "primary: again"]
+
+
+def test_a_streamed_completion_sends_each_piece_as_the_model_produces_it(words_gateway: GatewayProcess) -> None:
+    arrived: list[float] = []
+    chunks = []
+    with sdk(words_gateway) as client:
+        started = time.monotonic()
+        for chunk in client.chat.completions.create(model="words", user="sdk-incremental", stream=True,
+                                                    messages=[{"role": "user", "content": TEN_WORDS}]):
+            chunks.append(chunk)
+            arrived.append(time.monotonic() - started)
+    content_at = [at for chunk, at in zip(chunks, arrived, strict=True)
+                  if chunk.choices and chunk.choices[0].delta.content]
+
+    assert len(content_at) == 10  # one chunk per word, not the finished reply in one piece
+    assert content_at[0] < content_at[-1] - WORDS_TURN_MS / 2000  # the first came long before the turn ended
+    stored = session_messages(words_gateway, "sdk-incremental")
+    assert content_of(chunks) == stored[-1]["text"] == TEN_WORDS and "interrupted" not in stored[-1]
+
+
+def test_a_delete_on_the_running_turn_ends_the_sdk_stream_with_an_error(words_gateway: GatewayProcess) -> None:
+    turn_url = f"{words_gateway.url}/v1/sessions/sdk-cancel/turns/current"
+    watched: list[str] = []
+
+    def watch() -> None:  # the chat completion's turn is anyone's to follow
+        with httpx.stream("GET", turn_url, headers=AUTH, timeout=10) as response:
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    watched.append(line)
+
+    chunks = []
+    watcher = threading.Thread(target=watch)
+    with sdk(words_gateway, max_retries=0) as client:
+        stream = client.chat.completions.create(model="words", user="sdk-cancel", stream=True,
+                                                messages=[{"role": "user", "content": TEN_WORDS}])
+        with pytest.raises(openai.APIError) as ended, stream:
+            for chunk in stream:
+                chunks.append(chunk)
+                if content_of(chunks) and watcher.ident is None:
+                    watcher.start()
+                    wait_until(lambda: bool(watched), what="the watcher follows the turn")
+                    assert httpx.delete(turn_url, headers=AUTH, timeout=5).status_code == 204
+        plain_errors: list[BaseException] = []
+
+        def plain() -> None:
+            try:
+                client.chat.completions.create(model="words", user="sdk-cancel-plain",
+                                               messages=[{"role": "user", "content": TEN_WORDS}])
+            except openai.APIError as error:
+                plain_errors.append(error)
+
+        waiting = threading.Thread(target=plain)
+        waiting.start()
+        wait_until(lambda: httpx.delete(f"{words_gateway.url}/v1/sessions/sdk-cancel-plain/turns/current",
+                                        headers=AUTH, timeout=5).status_code == 204,
+                   what="the plain request's running turn cancelled")
+        waiting.join(timeout=10)
+    watcher.join(timeout=10)
+
+    assert ended.value.code == "turn-cancelled"
+    stored = session_messages(words_gateway, "sdk-cancel")
+    assert stored[0]["text"] == TEN_WORDS
+    assert stored[1]["interrupted"] is True and stored[1]["text"] == content_of(chunks) != TEN_WORDS
+    assert watched[0] == "event: turn" and watched[-1] == "event: error"
+    [cancelled] = plain_errors
+    assert isinstance(cancelled, openai.ConflictError)
+    assert cancelled.code == "turn-cancelled" and cancelled.status_code == 409
+    assert session_messages(words_gateway, "sdk-cancel-plain")[1]["interrupted"] is True
+
+
+def test_a_client_that_leaves_mid_stream_does_not_stop_the_turn(words_gateway: GatewayProcess) -> None:
+    key = {"Idempotency-Key": "sdk-gone-1"}
+    with sdk(words_gateway, max_retries=0) as client:
+        with client.chat.completions.create(model="words", user="sdk-gone", stream=True, extra_headers=key,
+                                            messages=[{"role": "user", "content": TEN_WORDS}]) as stream:
+            first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+        # the stream is closed mid-turn; the turn goes on and stores its whole reply
+        wait_until(lambda: len(session_messages(words_gateway, "sdk-gone")) == 2, what="the reply stored")
+        retry = list(client.chat.completions.create(model="words", user="sdk-gone", stream=True, extra_headers=key,
+                                                    messages=[{"role": "user", "content": TEN_WORDS}]))
+
+    stored = session_messages(words_gateway, "sdk-gone")
+    assert first.choices[0].delta.content == "one "
+    assert stored[1]["text"] == TEN_WORDS and "interrupted" not in stored[1]
+    assert content_of(retry) == TEN_WORDS
+    assert len(session_messages(words_gateway, "sdk-gone")) == 2  # the retry got the stored reply, no new turn
 
 
 def test_the_history_is_the_transcript_not_the_requests_messages(
@@ -235,13 +340,17 @@ def test_the_sdk_does_not_resend_an_error_marked_not_retryable(tmp_path: Path) -
 
 @pytest.mark.anyio
 async def test_a_typed_error_after_the_stream_started_is_an_error_event_without_done() -> None:
-    async def failing() -> AsyncIterator[str]:
-        yield "partial"
-        raise SessionBusy("the turn lost its lane", retry_after_ms=1000, session_id="s")
+    async def pieces(*texts: str, error: SessionBusy | None = None) -> AsyncIterator[str]:
+        for text in texts:
+            yield text
+        if error is not None:
+            raise error
 
-    events = [event async for event in completion_chunks(failing(), completion="chatcmpl-x", model="m", created=1)]
-    good = [event async for event in completion_chunks(one_piece("whole"), completion="chatcmpl-y", model="m",
-                                                        created=1, usage={"prompt_tokens": 1})]
+    busy = SessionBusy("the turn lost its lane", retry_after_ms=1000, session_id="s")
+    events = [event async for event in completion_chunks(pieces("partial", error=busy), completion="chatcmpl-x",
+                                                         model="m", created=1)]
+    good = [event async for event in completion_chunks(pieces("whole"), completion="chatcmpl-y", model="m", created=1)]
     assert json.loads(events[-1].removeprefix(b"data: "))["error"]["code"] == "session-busy"
     assert b"[DONE]" not in b"".join(events) and b"partial" in events[1]
-    assert good[-1] == b"data: [DONE]\n\n" and json.loads(good[-2].removeprefix(b"data: "))["choices"] == []
+    assert good[-1] == b"data: [DONE]\n\n"
+    assert json.loads(good[-2].removeprefix(b"data: "))["choices"][0]["finish_reason"] == "stop"

@@ -406,7 +406,8 @@ def _openai_schemas() -> dict[str, Any]:
                 "created": {"type": "integer"},
                 "model": {"type": "string", "description": "id of the provider that answered"},
                 "choices": {"type": "array", "items": {"type": "object"}},
-                "usage": {"type": "object", "description": "only when the provider reported token usage"},
+                "usage": {"type": "object",
+                          "description": "only when the provider reported token usage (the echo provider reports none)"},
             },
         },
         "ModelList": {

@@ -29,7 +29,8 @@ from ..paths import CURRENT_TURN_ROUTE, MESSAGES_ROUTE, messages_path
 from ..turns import Record, user_record
 
 __all__ = [
-    "DEFAULT_PAGE_LIMIT", "MAX_PAGE_LIMIT", "CurrentTurn", "SessionMessages", "gateway_of", "page_limit", "routes",
+    "DEFAULT_PAGE_LIMIT", "EVENT_STREAM_HEADERS", "MAX_PAGE_LIMIT", "CurrentTurn", "SessionMessages", "gateway_of",
+    "page_limit", "routes",
 ]
 
 DEFAULT_PAGE_LIMIT = 100
@@ -37,6 +38,7 @@ MAX_PAGE_LIMIT = 1_000
 
 EVENT_STREAM = "text/event-stream"
 JSON = "application/json"
+EVENT_STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # no cache or proxy holds events back
 
 
 class NoTurnRunning(SessionGateError):
@@ -82,8 +84,7 @@ def event_stream(events: AsyncIterator[TurnEvent], admission: Admission | None =
                 admission.ended_with = event.data["status"]
             yield event.encode()
 
-    return StreamingResponse(encoded(), media_type=EVENT_STREAM,
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return StreamingResponse(encoded(), media_type=EVENT_STREAM, headers=EVENT_STREAM_HEADERS)
 
 
 def reply_json(session_id: str, message_id: str, reply: Record) -> JSONResponse:
@@ -159,7 +160,7 @@ async def answer(request: Request, turn: LiveTurn, user: Record) -> Response:
     """The turn as an event stream, or (awaited) as one JSON answer to ``user``; errors raise their problem."""
     if wants_event_stream(request):
         return event_stream(turn.follow(), admission_of(request.scope))
-    result = await turn.outcome
+    result = await turn.result()
     message_id = result.user["id"] if len(turn.users) == 1 else user["id"]  # one: maybe an earlier attempt's
     return reply_json(turn.session_id, message_id, result.reply)
 

@@ -82,17 +82,22 @@ class FakeOpenAI:
             return Response("<html>not json</html>", media_type="text/html")
         last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
         if body.get("stream"):
-            return StreamingResponse(self._chunks(f"{self.name}: {last_user}"), media_type="text/event-stream")
+            usage = self._usage(body) if (body.get("stream_options") or {}).get("include_usage") else None
+            return StreamingResponse(self._chunks(f"{self.name}: {last_user}", usage), media_type="text/event-stream")
         return JSONResponse({
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
             "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": f"{self.name}: {last_user}"}}],
-            "usage": {"prompt_tokens": len(body["messages"]), "completion_tokens": 2, "total_tokens": len(body["messages"]) + 2},
+            "usage": self._usage(body),
         })
 
-    async def _chunks(self, reply: str) -> AsyncIterator[bytes]:
+    @staticmethod
+    def _usage(body: dict[str, Any]) -> dict[str, int]:
+        return {"prompt_tokens": len(body["messages"]), "completion_tokens": 2, "total_tokens": len(body["messages"]) + 2}
+
+    async def _chunks(self, reply: str, usage: dict[str, int] | None = None) -> AsyncIterator[bytes]:
         pieces = re.findall(r"\s*\S+\s*", reply)
         finished = False
         try:
@@ -103,6 +108,8 @@ class FakeOpenAI:
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
                 if self.behaviour == "break":
                     raise ConnectionResetError("the fake breaks off after the first piece")
+            if usage is not None:  # as OpenAI sends it: a last chunk with no choices
+                yield f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n".encode()
             yield b"data: [DONE]\n\n"
             finished = True
         finally:
