@@ -106,9 +106,13 @@ def test_a_streamed_turn_that_failed_is_not_the_idempotency_keys_answer(tmp_path
         attempts = [httpx.post(messages_url(gateway.url, "failing"), json={"text": "hi"}, timeout=20,
                                headers={"Accept": "text/event-stream", "Idempotency-Key": "one-key"})
                     for _ in range(2)]
-    for attempt in attempts:
-        assert attempt.status_code == 200 and "event: error" in attempt.text and "all-providers-failed" in attempt.text
-    assert "idempotent-replayed" not in attempts[1].headers
+        chats = [httpx.post(f"{gateway.url}/v1/chat/completions", timeout=20,
+                            json={"messages": [{"role": "user", "content": "hi"}], "stream": True},
+                            headers={"X-Session-Id": "failing-chat", "Idempotency-Key": "chat-key"})
+                 for _ in range(2)]
+    for attempt in attempts + chats:
+        assert attempt.status_code == 200 and "all-providers-failed" in attempt.text
+    assert "idempotent-replayed" not in attempts[1].headers and "idempotent-replayed" not in chats[1].headers
 
 
 def test_a_retry_of_a_collected_message_whose_turn_was_cancelled_is_not_stored_twice(tmp_path: Path) -> None:

@@ -13,19 +13,21 @@ client that goes away. ``stream: true`` sends its deltas as they come.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from sessiongate import SessionBusy, SessionGateError, admission_of, take_lane
+from sessiongate import Admission, SessionBusy, SessionGateError, admission_of, take_lane
 
 from .._openai import ChatRequest, chat_completion, completion_chunks, completion_id, model_list, openai_usage
+from ..live import LiveTurn
 from ..paths import CHAT_COMPLETIONS, MODELS
 from ..turns import user_record
 from .sessions import EVENT_STREAM_HEADERS, gateway_of
 
-__all__ = ["chat_completions", "models", "routes"]
+__all__ = ["chat_completions", "deltas_telling_the_gate", "models", "routes"]
 
 CHAT_CHANNEL = "openai"  # the transcript's ``channel`` of messages that came in through this route
 
@@ -52,10 +54,22 @@ async def chat_completions(request: Request) -> Response:
         return openai_usage((await turn.result()).reply)
 
     chunks = completion_chunks(
-        turn.deltas(), completion=completion_id(turn.turn_id), model=gateway.turns.providers.order(chat.model)[0].id,
+        deltas_telling_the_gate(turn, admission), completion=completion_id(turn.turn_id),
+        model=gateway.turns.providers.order(chat.model)[0].id,
         created=int(time.time()), usage=stored_usage if chat.include_usage else None,
     )
     return StreamingResponse(chunks, media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
+
+
+async def deltas_telling_the_gate(turn: LiveTurn, admission: Admission) -> AsyncIterator[str]:
+    """The turn's deltas; a failure's status goes to the gate first, so a retryable one (e.g.
+    ``all-providers-failed``) is not kept as the Idempotency-Key's answer of this 200 stream."""
+    try:
+        async for piece in turn.deltas():
+            yield piece
+    except SessionGateError as error:
+        admission.ended_with = error.default_status
+        raise
 
 
 async def models(request: Request) -> JSONResponse:
