@@ -44,6 +44,12 @@ def test_a_page_limit_that_is_not_a_few_ascii_digits_is_invalid_request(gateway:
     assert_problem(answer, 400, "invalid-request")
 
 
+def test_an_unknown_before_is_invalid_request_without_echoing_it_whole(gateway: GatewayProcess) -> None:
+    answer = httpx.get(messages_url(gateway.url, "paged"), params={"before": "x" * 6000}, timeout=10)
+    problem = assert_problem(answer, 400, "invalid-request")
+    assert len(problem["detail"]) < 200
+
+
 @pytest.mark.parametrize(("accept", "streams"), [
     ("text/event-stream", True),
     ("TEXT/Event-Stream", True),  # media types are case-insensitive

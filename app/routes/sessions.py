@@ -135,7 +135,8 @@ class SessionMessages(HTTPEndpoint):
         before = request.query_params.get("before") or None
         page = await gateway_of(request).store.page(session_id, limit=limit, before=before)
         if page is None:
-            raise InvalidRequest(f"before={before!r} is not a message of session {session_id!r}")
+            shown = before if len(before) <= 64 else f"{before[:64]}…"  # an answer never echoes a long input whole
+            raise InvalidRequest(f"before={shown!r} is not a message of session {session_id!r}")
         headers = {}
         if page.more:
             older = urlencode({"limit": limit, "before": page.records[0]["id"]})
