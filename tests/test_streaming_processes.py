@@ -71,17 +71,13 @@ async def cancel_from_the_other_instance(first: GatewayProcess, second: GatewayP
     return stored
 
 
-async def test_two_instances_on_one_data_dir_watch_and_cancel_each_others_turns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", ["data-dir", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_two_instances_watch_and_cancel_each_others_turns(
+    tmp_path: Path, shared: str, request: pytest.FixtureRequest
+) -> None:
+    """Two instances sharing a data dir (file backend) or a Redis: each attaches to and cancels the other's turn."""
     with slow_fake(piece_delay_s=0.3) as fake:
-        config = config_for(fake)
-        with GatewayProcess(tmp_path / "data", config) as first, GatewayProcess(tmp_path / "data", config) as second:
-            await cancel_from_the_other_instance(first, second, fake)
-
-
-@pytest.mark.redis
-async def test_two_instances_on_redis_watch_and_cancel_each_others_turns(tmp_path: Path, redis_url: str) -> None:
-    with slow_fake(piece_delay_s=0.3) as fake:
-        config = config_for(fake, redis_url)
+        config = config_for(fake, request.getfixturevalue("redis_url") if shared == "redis" else None)
         with GatewayProcess(tmp_path / "data", config) as first, GatewayProcess(tmp_path / "data", config) as second:
             await cancel_from_the_other_instance(first, second, fake)
 
