@@ -40,8 +40,6 @@ from ._gate import (
     client_address,
     lane_of,
     parsed_body,
-    read_body,
-    replaying,
     take_lane,
 )
 from ._idempotency import MAX_KEY_LENGTH as MAX_IDEMPOTENCY_KEY_LENGTH
@@ -141,8 +139,6 @@ __all__ = [
     "problem_body",
     "problem_response",
     "problem_status",
-    "read_body",
-    "replaying",
     "send_problem",
     "session_id_from_stem",
     "take_lane",

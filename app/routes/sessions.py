@@ -135,7 +135,7 @@ class SessionMessages(HTTPEndpoint):
         before = request.query_params.get("before") or None
         page = await gateway_of(request).store.page(session_id, limit=limit, before=before)
         if page is None:
-            shown = before if len(before) <= 64 else f"{before[:64]}…"  # an answer never echoes a long input whole
+            shown = f"{before[:64]}…" if before and len(before) > 64 else before  # never a long input echoed whole
             raise InvalidRequest(f"before={shown!r} is not a message of session {session_id!r}")
         headers = {}
         if page.more:
