@@ -25,7 +25,7 @@ from .._openai import ChatRequest, chat_completion, completion_chunks, completio
 from ..live import LiveTurn
 from ..paths import CHAT_COMPLETIONS, MODELS
 from ..turns import user_record
-from .sessions import EVENT_STREAM_HEADERS, gateway_of
+from .sessions import EVENT_STREAM, EVENT_STREAM_HEADERS, gateway_of
 
 __all__ = ["chat_completions", "deltas_telling_the_gate", "models", "routes"]
 
@@ -58,7 +58,7 @@ async def chat_completions(request: Request) -> Response:
         model=gateway.turns.providers.order(chat.model)[0].id,
         created=int(time.time()), usage=stored_usage if chat.include_usage else None,
     )
-    return StreamingResponse(chunks, media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
+    return StreamingResponse(chunks, media_type=EVENT_STREAM, headers=EVENT_STREAM_HEADERS)
 
 
 async def deltas_telling_the_gate(turn: LiveTurn, admission: Admission) -> AsyncIterator[str]:

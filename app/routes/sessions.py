@@ -29,8 +29,8 @@ from ..paths import CURRENT_TURN_ROUTE, MESSAGES_ROUTE, messages_path
 from ..turns import Record, user_record
 
 __all__ = [
-    "DEFAULT_PAGE_LIMIT", "EVENT_STREAM_HEADERS", "MAX_PAGE_LIMIT", "CurrentTurn", "SessionMessages", "gateway_of",
-    "page_limit", "routes",
+    "DEFAULT_PAGE_LIMIT", "EVENT_STREAM", "EVENT_STREAM_HEADERS", "MAX_PAGE_LIMIT", "CurrentTurn", "SessionMessages",
+    "gateway_of", "page_limit", "routes",
 ]
 
 DEFAULT_PAGE_LIMIT = 100
